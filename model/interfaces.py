@@ -1,0 +1,128 @@
+"""The data passed between layers: pose models, detectors, the pipeline and the serving engine.
+
+Everything here is a plain dataclass or a ``Protocol``; no behaviour lives in this module. The
+pipeline is generic over any ``PoseModel`` (DistilPose, or another top-down model such as BlazePose)
+and any ``Detector``; the engine only sees ``PipelineItem`` in and ``ImageResult`` out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class PoseModelInfo:
+    """What the top-down geometry needs to know about a pose model (carried by its weights)."""
+
+    name: str  # "distilpose_s", "distilpose_l", "blazepose_full", ...
+    input_size: tuple[int, int]  # (W, H) of the crop, e.g. (192, 256)
+    mean: tuple[float, float, float]  # RGB, in [0, 1] units, e.g. ImageNet (0.485, 0.456, 0.406)
+    std: tuple[float, float, float]  # RGB, in [0, 1] units
+    padding: float = 1.25  # box enlargement before the crop
+    keypoint_names: tuple[str, ...] = COCO_KEYPOINT_NAMES
+    skeleton: tuple[tuple[int, int], ...] = COCO_SKELETON
+    pixel_std: float = 200.0  # the official "scale" unit, kept for parity with mmpose
+
+    @property
+    def aspect(self) -> float:
+        """Crop width / height (0.75 for 192x256)."""
+        return self.input_size[0] / self.input_size[1]
+
+
+@dataclass
+class PoseOutput:
+    """Batched output of a pose model on N normalised crops.
+
+    coords: (N, K, 2) (x, y) in [0, 1] crop coordinates (x over the crop width, y over its height).
+    scores: (N, K) per-keypoint confidence. Raw for DistilPose: may be < 0 or > 1.
+    sigmas: (N, K, 2) uncertainty in [0, 1] crop units, or None when the model has none.
+    """
+
+    coords: torch.Tensor
+    scores: torch.Tensor
+    sigmas: torch.Tensor | None = None
+
+
+@runtime_checkable
+class PoseModel(Protocol):
+    """A top-down pose model as the pipeline uses it."""
+
+    info: PoseModelInfo
+
+    def predict(self, crops: torch.Tensor) -> PoseOutput:
+        """Run on normalised crops (N, 3, H, W) (on the model's device and dtype)."""
+        ...
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """A person detector: a batch of uint8 RGB images (3, H, W) of any sizes -> boxes per image."""
+
+    name: str
+
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return per image an (M, 5) float32 tensor of [x, y, w, h, score] in pixels, by score."""
+        ...
+
+
+@dataclass(frozen=True)
+class PoseOptions:
+    """Per-request options. Defaults are the paper's inference settings."""
+
+    flip_test: bool = True
+    return_sigmas: bool = False
+    oks_nms: bool = False  # OKS-NMS over detector persons (official threshold 0.9)
+    precision: Precision = "fp32"  # honoured on CUDA; CPU always runs fp32
+    swap_flip_scores: bool = False  # False = official score merge (the quirk); True = corrected
+
+
+@dataclass
+class PipelineItem:
+    """One image of a batch.
+
+    image: (3, H, W) uint8 RGB tensor, on any device.
+    boxes: (M, 4) or (M, 5) float32 [x, y, w, h(, score)] in pixels, or None to use the detector
+        (or the whole image when no detector is configured).
+    """
+
+    image: torch.Tensor
+    boxes: torch.Tensor | None = None
+    options: PoseOptions = field(default_factory=PoseOptions)
+
+
+@dataclass
+class Person:
+    """One person in image pixels. Keypoint scores are the model's raw values."""
+
+    bbox: tuple[float, float, float, float]  # x, y, w, h
+    bbox_score: float
+    score: float  # bbox_score x mean(keypoint scores > 0.2), 0 when none is above 0.2
+    keypoints: list[tuple[float, float, float]]  # K x (x, y, score)
+    sigmas: list[tuple[float, float]] | None = None  # K x (sx, sy) in pixels, when asked
+
+
+@dataclass
+class ImageResult:
+    """All persons of one image: in caller-box order, or by descending score for detector boxes."""
+
+    width: int
+    height: int
+    persons: list[Person]
+
+
+@dataclass
+class BatchStats:
+    """What one pipeline call did, for metrics: per-stage batch sizes and compute seconds."""
+
+    detect_images: int = 0
+    detect_seconds: float = 0.0
+    pose_crops: int = 0
+    pose_seconds: float = 0.0
+    persons_per_image: list[int] = field(default_factory=list)
