@@ -1,0 +1,542 @@
+"""The serving engine: the one object both transports (HTTP and gRPC) submit pose requests to.
+
+A small dynamic batcher with Triton's three knobs (``max_batch_size``, ``max_delay_ms`` and
+``max_queue_size``) in front of a pool of worker threads, one per device string, each owning its own
+pipeline instance (and, on CUDA, its own stream). Workers pull from one shared queue, so the load
+balances itself; one worker at a time forms a batch so that concurrent jobs coalesce.
+
+The contract, each part tested in ``tests/test_engine*.py``:
+
+- every admitted job gets exactly one outcome (all futures are settled on the event-loop thread,
+  and only when not already done);
+- a job whose awaiting task is cancelled (HTTP disconnect, gRPC cancel) is dropped before it reaches
+  the pipeline;
+- a per-request deadline gives ``DeadlineExceededError`` at the deadline, never a late answer, and a
+  job already past its deadline is not run;
+- a failing batch fails only its own jobs (``InferenceError`` with the cause chained); a CUDA
+  out-of-memory error splits the batch in halves and retries them, recursively, before failing
+  anything;
+- ``start()`` builds the pipelines and warms them up in their worker threads before ``ready`` turns
+  true; ``stop()`` refuses new work, lets admitted work finish within a grace period, then fails
+  what is left with ``EngineStoppedError``.
+
+Encoded images are decoded by ``decoder`` in a thread pool before they are queued, so decoding never
+blocks the event loop; jobs being decoded count toward ``max_queue_size`` so that overload is
+refused before any work is spent on it. The engine imports no transport (fastapi, grpc) and no
+metrics library: metrics arrive through an ``EngineObserver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast, get_args
+
+import torch
+
+from model.interfaces import BatchStats, ImageResult, PipelineItem, PoseOptions, Precision
+from service.batching import RETRY_DEFAULT_S, BatchQueue, Job, JobState
+from service.images import ImageError
+from service.workers import Pipeline, WorkerPool
+
+__all__ = [
+    "DeadlineExceededError",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineObserver",
+    "EngineStoppedError",
+    "InferenceError",
+    "NoopObserver",
+    "NotReadyError",
+    "Pipeline",
+    "PoseRequest",
+    "PoseResponse",
+    "QueueFullError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching and lifecycle knobs (``service.settings.Settings`` fills them from ``POSE_*``).
+
+    Attributes:
+        max_batch_size: Most images in one pipeline call (the detector and pose stages batch
+            inside it).
+        max_delay_ms: How long the first job of a batch waits for more to arrive; 0 takes what is
+            queued and goes.
+        max_queue_size: Most jobs admitted and not yet running (being decoded or queued); beyond it
+            ``infer`` raises ``QueueFullError`` at once.
+        decode_workers: Threads decoding encoded images.
+        warmup: Run ``pipeline.warmup()`` in ``start()`` before reporting ready.
+        drain_grace_s: Default grace period of ``stop()``.
+    """
+
+    max_batch_size: int = 16
+    max_delay_ms: float = 2.0
+    max_queue_size: int = 128
+    decode_workers: int = 2
+    warmup: bool = True
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {self.decode_workers}")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+
+
+class EngineError(Exception):
+    """Base of the engine's errors; ``code`` is machine-readable and maps to a transport status."""
+
+    code: str = "internal"
+
+
+class QueueFullError(EngineError):
+    """The queue is full: HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float = RETRY_DEFAULT_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReadyError(EngineError):
+    """Not started, still warming up, draining or stopped: HTTP 503, gRPC UNAVAILABLE."""
+
+    code = "unavailable"
+
+
+class DeadlineExceededError(EngineError):
+    """The request's deadline passed before its answer: HTTP 504, gRPC DEADLINE_EXCEEDED."""
+
+    code = "deadline_exceeded"
+
+
+class EngineStoppedError(EngineError):
+    """The drain grace period expired before this job ran: HTTP 503, gRPC UNAVAILABLE."""
+
+    code = "shutting_down"
+
+
+class InferenceError(EngineError):
+    """The batch holding this job failed; the pipeline's exception is the ``__cause__``."""
+
+    code = "internal"
+
+
+@dataclass
+class PoseRequest:
+    """One image to run.
+
+    Attributes:
+        image: Encoded bytes (decoded in the engine's decode pool by ``decoder``) or a decoded
+            (3, H, W) uint8 RGB tensor.
+        boxes: (M, 4) or (M, 5) [x, y, w, h(, score)] person boxes in pixels, or None to detect.
+        options: Per-request pose options.
+        deadline: ``time.monotonic()`` seconds after which the answer is no longer wanted.
+    """
+
+    image: bytes | torch.Tensor
+    boxes: torch.Tensor | None = None
+    options: PoseOptions = field(default_factory=PoseOptions)
+    deadline: float | None = None
+
+
+@dataclass
+class PoseResponse:
+    """The result of one image and where its time went.
+
+    ``timing_ms`` keys: ``queue`` (waiting for a worker, after decode), ``decode``, ``detect`` and
+    ``pose`` (compute seconds of the whole batch the image ran in), ``total`` (from ``infer``'s
+    call to the answer).
+    """
+
+    result: ImageResult
+    timing_ms: dict[str, float]
+
+
+class EngineObserver(Protocol):
+    """Metrics hooks. Called from the event loop and from worker threads: keep them quick."""
+
+    def on_queue_depth(self, depth: int) -> None:
+        """Jobs admitted and not yet running (decoding + queued) changed to ``depth``."""
+        ...
+
+    def on_queue_wait(self, seconds: float) -> None:
+        """One job waited ``seconds`` in the queue before a worker took it."""
+        ...
+
+    def on_batch(self, stats: BatchStats, images: int) -> None:
+        """A pipeline call over ``images`` images succeeded (per-stage sizes and seconds in stats,
+        persons per image in ``stats.persons_per_image``)."""
+        ...
+
+
+class NoopObserver:
+    """An observer that records nothing (the default; subclass it to override some hooks)."""
+
+    def on_queue_depth(self, depth: int) -> None:
+        """Ignore."""
+
+    def on_queue_wait(self, seconds: float) -> None:
+        """Ignore."""
+
+    def on_batch(self, stats: BatchStats, images: int) -> None:
+        """Ignore."""
+
+
+def _timed_decode(
+    decoder: Callable[[bytes], torch.Tensor], data: bytes
+) -> tuple[torch.Tensor, float]:
+    """Decode in a pool thread and say how long it took."""
+    t0 = time.monotonic()
+    image = decoder(data)
+    return image, time.monotonic() - t0
+
+
+def _check_image(image: torch.Tensor) -> None:
+    """Refuse a tensor the pipeline cannot take, so that one bad request cannot fail a batch."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ImageError(
+            "bad_image",
+            f"image must be a (3, H, W) uint8 RGB tensor, got {tuple(image.shape)} {image.dtype}",
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise ImageError("bad_image", f"image is empty: {tuple(image.shape)}")
+
+
+def _check_boxes(boxes: torch.Tensor | None) -> torch.Tensor | None:
+    """Caller boxes as float32 (M, 4|5), refusing what the pipeline cannot take (the transports
+    validate them fully with ``service.images.validate_boxes``)."""
+    if boxes is None:
+        return None
+    if boxes.dim() != 2 or boxes.shape[1] not in (4, 5):
+        raise ImageError("bad_boxes", f"boxes must be (M, 4) or (M, 5), got {tuple(boxes.shape)}")
+    boxes = boxes.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(boxes).all()):
+        raise ImageError("bad_boxes", "boxes must be finite")
+    if not bool(((boxes[:, 2] > 0) & (boxes[:, 3] > 0)).all()):
+        raise ImageError("bad_boxes", "every box needs a width and a height > 0")
+    return boxes
+
+
+def _check_options(options: PoseOptions) -> None:
+    if options.precision not in get_args(Precision):
+        raise ValueError(f"unknown precision {options.precision!r}")
+
+
+class Engine:
+    """Dynamic batcher and worker pool behind both transports.
+
+    Args:
+        pipeline_factory: Builds one pipeline for a device string; called in that device's worker
+            thread during ``start()``.
+        devices: One worker per entry, e.g. ``["cpu"]``, ``["cuda:0", "cuda:1"]``.
+        config: Batching and lifecycle knobs.
+        decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in the decode pool; its
+            exceptions (``service.images.ImageError``) reach the caller unchanged. Without one,
+            requests must carry decoded tensors.
+        observer: Metrics hooks.
+    """
+
+    def __init__(
+        self,
+        pipeline_factory: Callable[[str], Pipeline],
+        devices: Sequence[str],
+        config: EngineConfig,
+        *,
+        decoder: Callable[[bytes], torch.Tensor] | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        if not devices:
+            raise ValueError("at least one device is needed")
+        self._config = config
+        self._decoder = decoder
+        self._observer: EngineObserver = observer if observer is not None else NoopObserver()
+        self._queue = BatchQueue(
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_delay_ms / 1000.0,
+            max_queue_size=config.max_queue_size,
+            on_depth=lambda depth: self._observe(self._observer.on_queue_depth, depth),
+        )
+        self._workers = WorkerPool(
+            devices,
+            pipeline_factory,
+            self._queue,
+            warmup=config.warmup,
+            on_taken=self._taken,
+            on_success=self._succeeded,
+            on_failure=self._failed,
+        )
+        # Event-loop-only state.
+        self._live: set[Job] = set()  # admitted jobs whose future is not settled yet
+        self._idle = asyncio.Event()  # set while _live is empty
+        self._idle.set()
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._started = False
+        self._ready = False
+        self._draining = False
+        self._stopped = False
+
+    @property
+    def ready(self) -> bool:
+        """Started, every worker built and warmed up, and not draining."""
+        return self._ready and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        """``stop()`` was called (or ``start()`` failed): new requests are refused."""
+        return self._draining
+
+    @property
+    def config(self) -> EngineConfig:
+        """The knobs this engine runs with."""
+        return self._config
+
+    async def start(self) -> None:
+        """Build one pipeline per device in its worker thread, warm it up, then turn ready.
+
+        Raises:
+            Exception: Whatever a pipeline factory or warm-up raised (all workers are stopped
+                first).
+        """
+        if self._started or self._stopped:
+            raise RuntimeError("Engine.start() may be called once, before stop()")
+        self._started = True
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self._config.decode_workers, thread_name_prefix="pose-decode"
+        )
+        try:
+            await self._workers.start()
+        except BaseException:
+            self._draining = True
+            await self._shut_down()
+            raise
+        self._ready = True
+        logger.info("engine ready: workers on %s, %s", self._workers.devices, self._config)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new work, let admitted jobs finish within ``grace_s``, then fail the rest.
+
+        Jobs still unanswered when the grace period ends get ``EngineStoppedError``; a batch still
+        running then is left to finish in its thread, its answers discarded. Idempotent.
+
+        Args:
+            grace_s: Seconds to wait for admitted jobs; ``config.drain_grace_s`` when None.
+        """
+        if self._stopped:
+            return
+        self._draining = True
+        grace = self._config.drain_grace_s if grace_s is None else grace_s
+        if self._live:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        left = list(self._live)
+        if left:
+            logger.warning("drain grace of %.1f s expired: failing %d job(s)", grace, len(left))
+        for job in left:
+            self._finish(job, exc=EngineStoppedError("the server is shutting down"))
+        await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        self._queue.close()
+        await asyncio.to_thread(self._workers.join)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._stopped = True
+        self._ready = False
+
+    def queue_depth(self) -> int:
+        """Jobs admitted and not yet running (being decoded or queued)."""
+        return self._queue.depth()
+
+    def model_info(self) -> dict[str, Any]:
+        """``describe()`` of the first worker's pipeline.
+
+        Raises:
+            NotReadyError: Before the pipelines are built.
+        """
+        pipeline = self._workers.pipelines[0]
+        if pipeline is None:
+            raise NotReadyError("the engine is not started")
+        return pipeline.describe()
+
+    async def infer(self, request: PoseRequest) -> PoseResponse:
+        """Run one image through the batcher.
+
+        If the awaiting task is cancelled, the job is dropped before it reaches the pipeline.
+
+        Raises:
+            NotReadyError: Not started, warming up, draining or stopped.
+            QueueFullError: ``max_queue_size`` jobs are already waiting.
+            DeadlineExceededError: ``request.deadline`` passed before the answer.
+            EngineStoppedError: The drain grace period expired first.
+            InferenceError: The batch failed.
+            ImageError: The decoder refused the bytes (its error, unchanged), or the image tensor
+                or boxes are unusable (checked here so that one bad request cannot fail a batch).
+            ValueError: Unknown ``options.precision``.
+        """
+        if not self.ready:
+            raise NotReadyError("draining" if self._draining else "the engine is not ready")
+        loop = asyncio.get_running_loop()
+        t_submit = time.monotonic()
+        if request.deadline is not None and request.deadline <= t_submit:
+            raise DeadlineExceededError("the deadline passed before the request was queued")
+
+        data: bytes | None = None
+        image = request.image
+        if isinstance(image, torch.Tensor):
+            _check_image(image)
+        elif isinstance(image, bytes | bytearray | memoryview):
+            if self._decoder is None:
+                raise TypeError("this engine has no decoder: pass a decoded image tensor")
+            data = bytes(image)
+            image = torch.empty(0, dtype=torch.uint8)  # replaced once decoded
+        else:
+            raise TypeError(f"image must be bytes or a tensor, got {type(image).__name__}")
+        _check_options(request.options)
+        item = PipelineItem(image=image, boxes=_check_boxes(request.boxes), options=request.options)
+        job = Job(
+            item=item,
+            future=loop.create_future(),
+            loop=loop,
+            deadline=request.deadline,
+            t_submit=t_submit,
+            state=JobState.DECODING if data is not None else JobState.QUEUED,
+        )
+        if not self._queue.admit(job):
+            raise QueueFullError(
+                f"queue full ({self._queue.max_queue_size} jobs waiting)",
+                retry_after_s=self._queue.retry_after_s(len(self._workers)),
+            )
+        self._live.add(job)
+        self._idle.clear()
+        if request.deadline is not None:
+            job.timer = loop.call_at(loop.time() + (request.deadline - t_submit), self._expire, job)
+        if data is not None:
+            assert self._decoder is not None and self._decode_pool is not None
+            decode_future = loop.run_in_executor(
+                self._decode_pool, _timed_decode, self._decoder, data
+            )
+            job.decode_future = decode_future
+            decode_future.add_done_callback(lambda f: self._decoded(job, f))
+        try:
+            return cast(PoseResponse, await job.future)
+        except asyncio.CancelledError:
+            # The caller went away: free the slot and keep the job from any worker.
+            self._finish(job)
+            raise
+
+    def _decoded(self, job: Job, decode_future: asyncio.Future[tuple[torch.Tensor, float]]) -> None:
+        """Decode-pool completion, on the event loop: queue the image, or fail the job."""
+        if decode_future.cancelled():
+            self._finish(job, exc=EngineStoppedError("the server is shutting down"))
+            return
+        exc = decode_future.exception()  # retrieved even when unwanted: no "never retrieved" log
+        if job.future.done():
+            return  # cancelled, expired or stopped meanwhile; already released
+        if exc is not None:
+            self._finish(job, exc=exc)  # the decoder's ImageError, unchanged
+            return
+        image, job.decode_s = decode_future.result()
+        try:
+            _check_image(image)
+        except ImageError as bad:
+            self._finish(job, exc=bad)
+            return
+        job.item.image = image
+        self._queue.enqueue(job)
+
+    def _expire(self, job: Job) -> None:
+        self._finish(job, exc=DeadlineExceededError("the deadline passed before the answer"))
+
+    def _finish(
+        self,
+        job: Job,
+        result: PoseResponse | None = None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Settle ``job`` once, on the event loop: release it, resolve its future, forget it.
+
+        A job settled already is left as it is (this is the one place futures are resolved, so
+        nothing is answered twice). With neither ``result`` nor ``exc`` (the caller cancelled) only
+        the bookkeeping is done.
+        """
+        self._queue.release(job)
+        if not job.future.done():
+            if exc is not None:
+                job.future.set_exception(exc)
+            elif result is not None:
+                job.future.set_result(result)
+        if job.timer is not None:
+            job.timer.cancel()
+        if job.decode_future is not None and not job.decode_future.done():
+            job.decode_future.cancel()
+        self._live.discard(job)
+        if not self._live:
+            self._idle.set()
+
+    def _post(
+        self, job: Job, result: PoseResponse | None = None, exc: BaseException | None = None
+    ) -> None:
+        """From a worker thread: settle ``job`` on its event loop."""
+        try:
+            job.loop.call_soon_threadsafe(self._finish, job, result, exc)
+        except RuntimeError:
+            logger.debug("event loop closed; dropping an outcome")
+
+    def _taken(self, batch: list[Job], expired: list[Job]) -> None:
+        """Worker thread: a batch left the queue; ``expired`` were past their deadline."""
+        for job in expired:
+            self._post(job, exc=DeadlineExceededError("the deadline passed in the queue"))
+        for job in batch:
+            self._observe(self._observer.on_queue_wait, job.queue_s)
+
+    def _succeeded(
+        self, jobs: list[Job], results: list[ImageResult], stats: BatchStats, seconds: float
+    ) -> None:
+        """Worker thread: answer every job of a pipeline call."""
+        self._queue.record_batch(len(jobs), seconds)
+        self._observe(self._observer.on_batch, stats, len(jobs))
+        now = time.monotonic()
+        for job, result in zip(jobs, results, strict=True):
+            timing = {
+                "queue": job.queue_s * 1000.0,
+                "decode": job.decode_s * 1000.0,
+                "detect": stats.detect_seconds * 1000.0,
+                "pose": stats.pose_seconds * 1000.0,
+                "total": (now - job.t_submit) * 1000.0,
+            }
+            self._post(job, result=PoseResponse(result=result, timing_ms=timing))
+
+    def _failed(self, jobs: list[Job], cause: Exception) -> None:
+        """Worker thread: fail the jobs of a failed pipeline call, and only those."""
+        for job in jobs:
+            # One error per job, never shared: each caller's traceback is its own.
+            err = InferenceError(
+                f"inference failed for a batch of {len(jobs)}: {type(cause).__name__}: {cause}"
+            )
+            err.__cause__ = cause
+            self._post(job, exc=err)
+
+    @staticmethod
+    def _observe(hook: Callable[..., None], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            logger.exception("engine observer hook %s failed", getattr(hook, "__name__", hook))
