@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,14 @@ def distilpose_s_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def distilpose_l_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DistilPose-L recipe weights (crc32-v1) as an mmcv-layout ``.pth``, built once per session."""
     return write_official_checkpoint("distilpose_l", tmp_path_factory.mktemp("weights") / "l.pth")
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Undo ``configure_logging`` (called by CLI tests): its handler holds pytest's captured stderr,
+    which is closed after the test, so later log records would fail to write."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

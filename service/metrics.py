@@ -1,0 +1,227 @@
+"""Every Prometheus metric of the service, in one place, with names fixed for dashboards.
+
+One ``Metrics`` object per server process (per app in tests) owns a private
+``CollectorRegistry``, so several apps can live in one process without clashing. It is the
+engine's ``EngineObserver`` (queue depth and wait, per-stage batch sizes and compute seconds,
+persons per image); the transports record their requests through ``observe_request``. Time waiting
+in the queue (``pose_queue_wait_seconds``) is kept apart from time computing
+(``pose_inference_seconds``).
+
+| name | type | labels | what |
+| --- | --- | --- | --- |
+| pose_requests_total | counter | transport, code | finished requests (HTTP status / gRPC code) |
+| pose_request_duration_seconds | histogram | transport | request latency, arrival to answer |
+| pose_queue_wait_seconds | histogram | | time an image waited for its batch |
+| pose_batch_size | histogram | stage | images per detect batch, crops per pose batch |
+| pose_inference_seconds | histogram | stage | compute seconds of one batch per stage |
+| pose_queue_depth | gauge | | images waiting now |
+| pose_persons_per_image | histogram | | persons found per image |
+| pose_model_info | gauge (1) | model, variant, weights_sha256, detector, device, input_size | |
+| pose_gpu_memory_{allocated,reserved,total}_bytes | gauge | device | CUDA memory (CUDA only) |
+
+plus the standard ``process_*``, ``python_gc_*`` and ``python_info`` collectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from model.interfaces import BatchStats
+
+# The classic text format every Prometheus server reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_WAIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_COMPUTE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_PERSON_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
+
+# Keys of ``engine.model_info()`` (the pipeline's ``describe()``) turned into info labels, with the
+# alternatives tried in order.
+_INFO_LABELS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "name"),
+    "variant": ("variant",),
+    "weights_sha256": ("weights_sha256",),
+    "detector": ("detector",),
+    "device": ("device",),
+    "input_size": ("input_size",),
+}
+
+
+class Metrics:
+    """The service's metrics in a private registry; also the engine's observer.
+
+    Args:
+        registry: where to register; a fresh private registry when None.
+        process_collectors: also register the process, platform and GC collectors.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, process_collectors: bool = True
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "pose_requests",
+            "Finished pose requests by transport and result code.",
+            ["transport", "code"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "pose_request_duration_seconds",
+            "Request latency from arrival to answer.",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "pose_queue_wait_seconds",
+            "Time an image waited in the queue before its batch started.",
+            buckets=_WAIT_BUCKETS_S,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "pose_batch_size",
+            "Batch size per stage: images for detect, person crops for pose.",
+            ["stage"],
+            buckets=_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.inference = Histogram(
+            "pose_inference_seconds",
+            "Compute seconds of one batch per stage.",
+            ["stage"],
+            buckets=_COMPUTE_BUCKETS_S,
+            registry=reg,
+        )
+        self.queue_depth = Gauge("pose_queue_depth", "Images waiting in the queue.", registry=reg)
+        self.persons_per_image = Histogram(
+            "pose_persons_per_image",
+            "Persons returned per image.",
+            buckets=_PERSON_BUCKETS,
+            registry=reg,
+        )
+        self._model_info: Callable[[], Mapping[str, Any]] | None = None
+        reg.register(_ModelInfoCollector(self))
+        reg.register(_GpuMemoryCollector())
+        if process_collectors:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+
+    def bind_engine(self, engine: Any) -> None:
+        """Read the queue depth and the served model from ``engine`` at scrape time."""
+        self.queue_depth.set_function(lambda: float(engine.queue_depth()))
+        self._model_info = engine.model_info
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything registered."""
+        return generate_latest(self.registry)
+
+    # Transports.
+    def observe_request(self, transport: str, code: str | int, seconds: float) -> None:
+        """Count one finished request ("http" with its status, "grpc" with its code name)."""
+        self.requests.labels(transport=transport, code=str(code)).inc()
+        self.request_duration.labels(transport=transport).observe(max(seconds, 0.0))
+
+    # EngineObserver.
+    def on_queue_depth(self, depth: int) -> None:
+        """The queue now holds ``depth`` jobs."""
+        self.queue_depth.set(depth)
+
+    def on_queue_wait(self, seconds: float) -> None:
+        """A job left the queue for a batch after ``seconds``."""
+        self.queue_wait.observe(max(seconds, 0.0))
+
+    def on_batch(self, stats: BatchStats, images: int) -> None:
+        """A pipeline batch of ``images`` images finished."""
+        if stats.detect_images > 0:
+            self.batch_size.labels(stage="detect").observe(stats.detect_images)
+            self.inference.labels(stage="detect").observe(max(stats.detect_seconds, 0.0))
+        if stats.pose_crops > 0:
+            self.batch_size.labels(stage="pose").observe(stats.pose_crops)
+            self.inference.labels(stage="pose").observe(max(stats.pose_seconds, 0.0))
+        for persons in stats.persons_per_image:
+            self.persons_per_image.observe(persons)
+
+
+class _ModelInfoCollector:
+    """``pose_model_info{...} 1`` from the engine's model description, once one is known."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        source = self._metrics._model_info
+        if source is None:
+            return
+        try:
+            info = source()
+        except Exception:  # not started yet: nothing to say
+            return
+        labels = {name: _label_value(info, keys) for name, keys in _INFO_LABELS.items()}
+        family = GaugeMetricFamily(
+            "pose_model_info", "The served pose model (value 1).", labels=list(labels)
+        )
+        family.add_metric(list(labels.values()), 1.0)
+        yield family
+
+
+def _label_value(info: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """The first of ``keys`` present in ``info`` as a label string ("" when none)."""
+    for key in keys:
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            return "x".join(str(v) for v in value)
+        return str(value)
+    return ""
+
+
+class _GpuMemoryCollector:
+    """CUDA memory per device, read at scrape time; nothing at all without CUDA."""
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return
+        allocated = GaugeMetricFamily(
+            "pose_gpu_memory_allocated_bytes", "CUDA memory held by tensors.", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "pose_gpu_memory_reserved_bytes",
+            "CUDA memory reserved by the caching allocator.",
+            labels=["device"],
+        )
+        total = GaugeMetricFamily(
+            "pose_gpu_memory_total_bytes", "CUDA memory of the device.", labels=["device"]
+        )
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            allocated.add_metric([device], float(torch.cuda.memory_allocated(index)))
+            reserved.add_metric([device], float(torch.cuda.memory_reserved(index)))
+            total.add_metric([device], float(torch.cuda.get_device_properties(index).total_memory))
+        yield allocated
+        yield reserved
+        yield total

@@ -1,0 +1,196 @@
+"""ASGI middleware of the HTTP transport: request ids, access logs, request metrics, body limit.
+
+Both are plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``), so the ``receive`` channel
+reaches the routes untouched and a route can watch it for the client's disconnect.
+
+- ``RequestContextMiddleware`` (outermost): takes a well-formed ``X-Request-ID`` or makes one,
+  echoes it on the response, writes one structured log line per request (logger ``service.access``),
+  counts pose requests in ``pose_requests_total{transport="http"}``, and is the last resort for an
+  unhandled exception (a JSON 500 carrying the request id).
+- ``BodyLimitMiddleware``: refuses a body over the limit by its Content-Length before reading any of
+  it, and a streamed (chunked) body as soon as it passes the limit; both 413 with
+  ``Connection: close`` so that the rest of the upload is not read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+access_log = logging.getLogger("service.access")
+logger = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, machine-readable code, message and extra headers."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    details: Any = None,
+) -> JSONResponse:
+    """``{"error": {"code": ..., "message": ...}}`` with ``status``."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return JSONResponse({"error": error}, status_code=status, headers=dict(headers or {}))
+
+
+class RequestContextMiddleware:
+    """Request id in and out, one access-log line, request metrics, last-resort 500.
+
+    Args:
+        app: the wrapped app.
+        metrics: where request counts and durations go.
+        metric_paths: paths counted as pose requests (health checks and scrapes are not).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, metric_paths: Collection[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.metric_paths = frozenset(metric_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error", extra={"request_id": request_id})
+            if status == 0:
+                response = error_response(
+                    500, "internal", f"internal error (request id {request_id})"
+                )
+                await response(scope, receive, send_with_id)
+            else:
+                status = 500
+        finally:
+            seconds = time.monotonic() - started
+            path = scope.get("path", "")
+            if path in self.metric_paths:
+                self.metrics.observe_request("http", status or 500, seconds)
+            client = scope.get("client")
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope.get("method", ""),
+                    "path": path,
+                    "status": status or 500,
+                    "duration_ms": round(seconds * 1000.0, 3),
+                    "client": client[0] if client else None,
+                },
+            )
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_body_bytes`` without reading them.
+
+    Args:
+        app: the wrapped app.
+        max_body_bytes: largest body accepted.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def _too_large(self, size: str) -> ApiError:
+        return ApiError(
+            413,
+            "body_too_large",
+            f"the request body is {size}; the limit is {self.max_body_bytes} bytes",
+            headers={"connection": "close"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                response = error_response(400, "bad_request", "invalid Content-Length")
+                await response(scope, receive, send)
+                return
+            if int(declared) > self.max_body_bytes:
+                error = self._too_large(f"{int(declared)} bytes")
+                response = error_response(error.status, error.code, error.message, error.headers)
+                await response(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large(f"over {received} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and every ``extra`` field."""
+
+    _STANDARD = frozenset(
+        logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+        | {"message", "asctime", "color_message", "taskName"}
+    )
+
+    converter = time.gmtime  # type: ignore[assignment]  # UTC timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)

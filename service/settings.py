@@ -1,0 +1,211 @@
+"""The one settings class of the service: every knob, unit in its name, from flags or ``POSE_*``.
+
+Precedence: explicit constructor arguments (the command-line flags) > ``POSE_*`` environment
+variables > defaults. Misspelt keys are errors, not silently ignored: an unknown keyword is refused
+by pydantic (``extra="forbid"``), an unknown ``POSE_*`` environment variable by ``_check_environ``
+(pydantic-settings itself ignores unknown environment variables). The only ``POSE_*`` names let
+through are those Kubernetes injects for a Service called ``pose`` (``POSE_SERVICE_HOST``,
+``POSE_PORT_8000_TCP``, ...), so a pod in such a namespace still starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "POSE_"
+MIB = 1024 * 1024
+
+# Service-link variables Kubernetes sets for a Service named "pose" (docker links look the same).
+_SERVICE_LINK = re.compile(
+    r"^POSE_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$"
+)
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class UnknownSettingError(ValueError):
+    """A ``POSE_*`` environment variable that names no setting."""
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Each field is also the flag ``--kebab-case-name`` of
+    ``pose-service serve`` and the environment variable ``POSE_UPPER_CASE_NAME``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+    )
+
+    # What is served.
+    model: str | None = Field(
+        default=None,
+        description="pose model: distilpose_s, distilpose_l or blazepose_full; default: inferred "
+        "from --weights, else the cached reference model blazepose_full",
+    )
+    weights: str | None = Field(
+        default=None, description="pose weights (official .pth or .safetensors)"
+    )
+    detector: str = Field(
+        default="auto",
+        description="person detector: a torchvision detector name, ssdlite_person, none, or auto "
+        "(ssdlite_person when the reference models are cached, else none)",
+    )
+    detector_weights: str | None = Field(default=None, description="detector weights file")
+    device: str = Field(
+        default="cpu", description="cpu, cuda, cuda:N, or a comma list (one worker each)"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="default compute precision on CUDA (CPU always runs fp32)"
+    )
+    flip_test: bool = Field(default=True, description="default for flip test (the paper's setting)")
+    allow_random_weights: bool = Field(
+        default=False,
+        description="allow --model distilpose_s|distilpose_l without weights (smoke runs)",
+    )
+    cache_dir: str = Field(
+        default="~/.cache/distilpose-service", description="cache of the converted reference models"
+    )
+
+    # Where it listens.
+    host: str = Field(default="0.0.0.0", description="address both servers bind")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0: any free port)")
+    grpc_port: int = Field(
+        default=50051, ge=0, le=65535, description="gRPC port (0: any free port)"
+    )
+
+    # The engine (Triton's three knobs and friends).
+    max_batch_size: int = Field(default=16, ge=1, description="most images in one pipeline batch")
+    max_delay_ms: float = Field(
+        default=2.0, ge=0, description="how long a batch's first image waits"
+    )
+    max_queue_size: int = Field(default=128, ge=1, description="queued images before 429")
+    max_crops_per_batch: int = Field(
+        default=256, ge=1, description="most person crops in one forward"
+    )
+    decode_workers: int = Field(default=2, ge=1, description="threads decoding uploads")
+    warmup: bool = Field(default=True, description="run a dummy batch before turning ready")
+    drain_grace_s: float = Field(
+        default=30.0, ge=0, description="time for in-flight work on SIGTERM"
+    )
+
+    # Limits of one request.
+    max_body_bytes: int = Field(default=32 * MIB, ge=1, description="largest HTTP request body")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="largest width x height")
+    max_boxes: int = Field(default=100, ge=1, description="most caller boxes per image")
+    max_images_per_request: int = Field(
+        default=32, ge=1, description="most images per batch request"
+    )
+    request_timeout_ms: int = Field(default=30_000, ge=1, description="deadline of one request")
+    grpc_max_message_bytes: int = Field(default=32 * MIB, ge=1, description="largest gRPC message")
+    stream_window: int = Field(default=8, ge=1, description="frames in flight per gRPC stream")
+
+    # Access and logs.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="accepted API keys, comma-separated (empty: no authentication)",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log level"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment (checked for unknown ``POSE_*`` names); no dotenv."""
+        _check_environ(os.environ, set(cls.model_fields))
+        return init_settings, env_settings
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """Accept ``"k1,k2"`` (environment, flag) as well as a list."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        """Keys are non-empty header-safe tokens."""
+        for key in value:
+            if not key or any(c.isspace() or not c.isprintable() for c in key):
+                raise ValueError("API keys must be printable and contain no spaces")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        """``cpu``, ``cuda``, ``cuda:N`` or a comma list of them."""
+        parts = [part.strip() for part in value.split(",")]
+        if not parts or any(not _DEVICE.match(part) for part in parts):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or a comma list, got {value!r}")
+        return ",".join(parts)
+
+    @field_validator("model", "weights", "detector_weights", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        """``POSE_WEIGHTS=`` (empty) means unset."""
+        return None if value == "" else value
+
+    @field_validator("detector")
+    @classmethod
+    def _lower_detector(cls, value: str) -> str:
+        """Detector names are case-insensitive."""
+        return value.strip().lower()
+
+    def devices(self) -> list[str]:
+        """The engine's devices, one worker each (``["cpu"]``, ``["cuda:0", "cuda:1"]``)."""
+        return self.device.split(",")
+
+    def cache_path(self) -> Path:
+        """``cache_dir`` with ``~`` expanded."""
+        return Path(self.cache_dir).expanduser()
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings for logs and ``/v1/models``: API keys replaced by their count."""
+        data = self.model_dump(exclude={"api_keys"})
+        data["api_keys"] = f"{len(self.api_keys)} configured"
+        return data
+
+
+def _check_environ(environ: Mapping[str, str], fields: set[str]) -> None:
+    """Refuse ``POSE_*`` variables that name no field (case-insensitively, as pydantic reads them).
+
+    Raises:
+        UnknownSettingError: listing the unknown names and the closest known ones.
+    """
+    unknown = []
+    for key in environ:
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or _SERVICE_LINK.match(upper):
+            continue
+        if upper[len(ENV_PREFIX) :].lower() not in fields:
+            unknown.append(key)
+    if unknown:
+        names = [ENV_PREFIX + name.upper() for name in sorted(fields)]
+        hints = []
+        for key in sorted(unknown):
+            close = difflib.get_close_matches(key.upper(), names, n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise UnknownSettingError(
+            f"unknown setting(s) in the environment: {', '.join(hints)}; known: {', '.join(names)}"
+        )

@@ -1,0 +1,308 @@
+"""The ``pose-service`` command: settings from flags and ``POSE_*``, model choice, ``models fetch``,
+and ``serve`` (one event loop; readiness and gRPC health through warm-up and drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import types
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import service.__main__ as cli
+from service.settings import Settings, UnknownSettingError
+from tests.test_rest_support import SlowPipeline, png, wait_until
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.upper().startswith("POSE_"):
+            monkeypatch.delenv(key)
+
+
+def parse(*argv: str) -> Settings:
+    return cli.settings_from_args(cli.build_parser().parse_args(["serve", *argv]))
+
+
+def test_every_setting_is_a_flag_and_flags_parse_to_settings() -> None:
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text
+        assert f"POSE_{name.upper()}" in help_text
+    settings = parse(
+        "--weights",
+        "w.pth",
+        "--detector",
+        "none",
+        "--device",
+        "cuda:0,cuda:1",
+        "--http-port",
+        "9000",
+        "--max-delay-ms",
+        "5.5",
+        "--no-flip-test",
+        "--precision",
+        "bf16",
+        "--api-keys",
+        "k1,k2",
+    )
+    assert settings.weights == "w.pth" and settings.detector == "none"
+    assert settings.devices() == ["cuda:0", "cuda:1"]
+    assert settings.http_port == 9000 and settings.max_delay_ms == 5.5
+    assert settings.flip_test is False and settings.precision == "bf16"
+    assert settings.api_keys == ["k1", "k2"]
+    assert "k1" not in repr(settings) and "k1" not in str(settings.public_dict())
+    assert parse() == Settings()
+
+
+def test_environment_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSE_MAX_BATCH_SIZE", "5")
+    monkeypatch.setenv("POSE_FLIP_TEST", "false")
+    monkeypatch.setenv("POSE_API_KEYS", "a, b")
+    assert parse().max_batch_size == 5 and parse().flip_test is False
+    assert parse().api_keys == ["a", "b"]
+    assert parse("--max-batch-size", "7").max_batch_size == 7  # flags win
+
+
+def test_unknown_environment_variables_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSE_MAX_BATCH", "5")
+    with pytest.raises(UnknownSettingError, match="did you mean POSE_MAX_BATCH_SIZE"):
+        Settings()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve"])
+    assert info.value.code == 2
+
+
+def test_kubernetes_service_link_variables_are_tolerated(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("POSE_SERVICE_HOST", "POSE_SERVICE_PORT", "POSE_PORT", "POSE_PORT_8000_TCP_ADDR"):
+        monkeypatch.setenv(key, "10.0.0.1")
+    assert Settings().http_port == 8000
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--max-batch", "3"],  # abbreviations are not accepted
+        ["serve", "--no-such-flag"],
+        ["serve", "--device", "gpu"],
+        ["serve", "--http-port", "70000"],
+        ["serve", "--precision", "fp8"],
+        ["serve", "--max-queue-size", "0"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def fake_reference(monkeypatch: pytest.MonkeyPatch, cache: Path, available: bool) -> list[Path]:
+    """Replace model.reference with a stub whose cache is (or is not) complete."""
+    calls: list[Path] = []
+    paths = {n: cache / f"{n}.safetensors" for n in ("blazepose_full", "ssdlite_person")}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+    def fetch(cache_dir: Path, *, force: bool = False) -> dict[str, Path]:
+        calls.append(Path(cache_dir))
+        return paths
+
+    stub = types.ModuleType("model.reference")
+    stub.reference_models_available = lambda cache_dir: available  # type: ignore[attr-defined]
+    stub.fetch_reference_models = fetch  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "model.reference", stub)
+    return calls
+
+
+def test_model_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    weights = tmp_path / "s.pth"
+    weights.write_bytes(b"x")
+    fake_reference(monkeypatch, tmp_path / "cache", available=False)
+    base = {"cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(cli.SetupError, match="pose-service models fetch"):
+        cli.choose_model(Settings(**base))
+    with pytest.raises(cli.SetupError, match="--allow-random-weights"):
+        cli.choose_model(Settings(model="distilpose_s", **base))
+    random = cli.choose_model(Settings(model="distilpose_s", allow_random_weights=True, **base))
+    assert random.weights is None and "RANDOM" in random.summary and random.detector is None
+    with pytest.raises(cli.SetupError, match="no such file"):
+        cli.choose_model(Settings(weights=str(tmp_path / "missing.pth"), **base))
+    with pytest.raises(cli.SetupError, match="ssdlite_person"):
+        cli.choose_model(Settings(weights=str(weights), detector="ssdlite_person", **base))
+    with pytest.raises(cli.SetupError, match="unknown model"):
+        cli.choose_model(Settings(model="resnet", **base))
+    given = cli.choose_model(Settings(weights=str(weights), **base))
+    assert (given.model, given.weights, given.detector) == (None, str(weights), None)
+    torchvision = Settings(
+        weights=str(weights), detector="fasterrcnn_resnet50_fpn", detector_weights="DEFAULT", **base
+    )
+    assert cli.choose_model(torchvision).detector_weights == "DEFAULT"  # an enum name, not a file
+    with pytest.raises(cli.SetupError, match="detector-weights"):
+        cli.choose_model(torchvision.model_copy(update={"detector_weights": "/no/such.pth"}))
+
+    fake_reference(monkeypatch, tmp_path / "cache", available=True)
+    default = cli.choose_model(Settings(**base))
+    assert default.model == "blazepose_full" and default.detector == "ssdlite_person"
+    assert default.weights is not None and default.weights.endswith("blazepose_full.safetensors")
+    assert default.detector_weights is not None
+    distil = cli.choose_model(Settings(weights=str(weights), **base))
+    assert distil.model is None and distil.detector == "ssdlite_person"  # auto: best available
+    plain = cli.choose_model(Settings(weights=str(weights), detector="none", **base))
+    assert plain.detector is None
+
+
+def test_models_fetch_calls_the_reference_module(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = fake_reference(monkeypatch, tmp_path / "c", available=False)
+    assert cli.main(["models", "fetch", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert calls == [tmp_path / "c"]
+    assert "blazepose_full:" in capsys.readouterr().out
+
+
+async def test_serve_runs_http_and_grpc_on_one_loop_and_drains(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    warm = threading.Event()
+    hold = threading.Event()
+    pipeline = SlowPipeline(warmup_gate=warm, run_gate=hold)
+    settings = Settings(host="127.0.0.1", http_port=0, grpc_port=0, drain_grace_s=30)
+    stop = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="service")
+    task = asyncio.create_task(cli.serve(settings, pipeline_factory=lambda d: pipeline, stop=stop))
+
+    def listening() -> logging.LogRecord | None:
+        return next((r for r in caplog.records if r.getMessage() == "listening"), None)
+
+    async def bound() -> bool:
+        return listening() is not None
+
+    await wait_until(bound)
+    record = listening()
+    http_port, grpc_port = record.http_port, record.grpc_port  # type: ignore[union-attr]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def grpc_status() -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as http:
+        assert (await http.get("/livez")).status_code == 200
+        assert (await http.get("/readyz")).status_code == 503  # warming up
+        assert await grpc_status() != serving
+        warm.set()
+
+        async def ready() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await wait_until(ready)
+        assert await grpc_status() == serving
+
+        headers = {"content-type": "image/png"}
+        in_flight = asyncio.create_task(http.post("/pose", content=png(), headers=headers))
+
+        async def running() -> bool:
+            return pipeline.images_run == 1
+
+        await wait_until(running)
+        stop.set()  # what SIGTERM does
+
+        async def draining() -> bool:
+            return (await http.get("/readyz")).status_code == 503
+
+        await wait_until(draining)
+        assert await grpc_status() != serving
+        assert (await http.post("/pose", content=png(), headers=headers)).status_code == 503
+        hold.set()
+        answer = await in_flight
+        assert answer.status_code == 200
+    assert await asyncio.wait_for(task, 60) == 0
+    await channel.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.index("ready") < messages.index("draining") < messages.index("stopped")
+
+
+def test_logs_are_one_json_object_per_line() -> None:
+    import json
+
+    from service.rest_middleware import JsonLogFormatter
+
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "request", None, None)
+    record.request_id = "r1"
+    record.status = 200
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    line = JsonLogFormatter().format(record)
+    assert "\n" not in line  # the traceback is escaped inside the one line
+    entry = json.loads(line)
+    assert entry["msg"] == "request" and entry["level"] == "info"
+    assert entry["logger"] == "service.access" and entry["ts"].endswith("Z")
+    assert entry["request_id"] == "r1" and entry["status"] == 200
+    assert "ValueError: boom" in entry["exc"]
+
+
+def test_pose_service_serve_end_to_end_with_sigterm(
+    distilpose_s_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The real command in a subprocess: JSON logs, the served model, a pose, SIGTERM drains."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("POSE_")}
+    env["POSE_CACHE_DIR"] = str(tmp_path / "empty-cache")
+    argv = [sys.executable, "-m", "service", "serve", "--weights", str(distilpose_s_checkpoint)]
+    argv += ["--detector", "none", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"]
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[dict] = []
+    listening = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            entry = json.loads(line)  # every line is one JSON object
+            lines.append(entry)
+            if entry["msg"] == "listening":
+                listening.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert listening.wait(120), lines
+        port = next(e["http_port"] for e in lines if e["msg"] == "listening")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            for _ in range(600):
+                if http.get("/readyz").status_code == 200:
+                    break
+                threading.Event().wait(0.2)
+            model = http.get("/v1/models").json()["model"]
+            assert "distilpose_s" in json.dumps(model) and model["detector"] is None
+            answer = http.post("/pose", content=png(), headers={"content-type": "image/png"})
+            assert answer.status_code == 200 and len(answer.json()["persons"]) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    reader.join(30)
+    messages = [e["msg"] for e in lines]
+    assert "serving %s" not in messages and any(m.startswith("serving ") for m in messages)
+    assert messages.index("ready") < messages.index("draining") < messages.index("stopped")
+    assert any(e["msg"] == "request" and e.get("path") == "/pose" for e in lines)

@@ -1,0 +1,253 @@
+"""HTTP behaviour under overload, cancellation, deadlines, failures, warm-up and drain.
+
+A real uvicorn server on a localhost port over the real ``Engine``; only the pipeline is a fake
+(``SlowPipeline``), since these tests are about concurrency and error injection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from service.engine import Engine, EngineConfig
+from service.images import decode_image
+from service.metrics import Metrics
+from service.rest import create_app
+from service.settings import Settings
+from tests.test_rest_support import (
+    LiveServer,
+    SlowPipeline,
+    client,
+    metrics_containing,
+    png,
+    wait_until,
+)
+
+
+def make_engine(pipeline: SlowPipeline, **config: object) -> Engine:
+    settings = Settings()
+    engine_config = EngineConfig(**{"max_delay_ms": 0.0, "decode_workers": 2, **config})  # type: ignore[arg-type]
+    return Engine(
+        lambda device: pipeline,
+        ["cpu"],
+        engine_config,
+        decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
+    )
+
+
+def serve(
+    pipeline: SlowPipeline,
+    *,
+    start_engine: bool = True,
+    settings: Settings | None = None,
+    **config: object,
+) -> LiveServer:
+    engine = make_engine(pipeline, **config)
+    chosen = settings or Settings()
+    return LiveServer(engine, lambda: [create_app(engine, chosen)], start_engine=start_engine)
+
+
+IMAGE = png(32, 24)
+
+
+async def post_pose(http: httpx.AsyncClient, data: bytes = IMAGE) -> httpx.Response:
+    return await http.post("/v1/pose", content=data, headers={"content-type": "image/png"})
+
+
+async def test_overload_gives_429_with_retry_after_and_nothing_is_lost() -> None:
+    hold = threading.Event()
+    pipeline = SlowPipeline(run_gate=hold)
+    with serve(pipeline, max_batch_size=1, max_queue_size=2) as live:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=live.url, timeout=60, limits=limits) as http:
+            tasks = [asyncio.create_task(post_pose(http)) for _ in range(16)]
+
+            async def refusals_are_back() -> bool:
+                # The worker holds one image, the queue two: everything else is refused at once.
+                return sum(task.done() for task in tasks) >= 13
+
+            await wait_until(refusals_are_back)
+            hold.set()
+            answers = await asyncio.gather(*tasks)
+            codes = [answer.status_code for answer in answers]
+            metrics = await metrics_containing(
+                http,
+                f'pose_requests_total{{code="429",transport="http"}} {float(codes.count(429))}',
+                f'pose_requests_total{{code="200",transport="http"}} {float(codes.count(200))}',
+            )
+    assert set(codes) <= {200, 429}, codes
+    refused = [a for a in answers if a.status_code == 429]
+    done = [a for a in answers if a.status_code == 200]
+    assert len(refused) >= 13 and done
+    for answer in refused:
+        assert int(answer.headers["retry-after"]) >= 1
+        assert answer.json()["error"]["code"] == "queue_full"
+    # Every request got exactly one answer, and only the accepted ones reached the pipeline.
+    assert len(refused) + len(done) == 16
+    assert pipeline.images_run == len(done)
+    assert "pose_queue_depth 0.0" in metrics
+
+
+async def test_readiness_during_warm_up_and_drain() -> None:
+    warm = threading.Event()
+    hold = threading.Event()
+    pipeline = SlowPipeline(warmup_gate=warm, run_gate=hold)
+    with serve(pipeline, start_engine=False) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            assert (await http.get("/livez")).status_code == 200
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "starting"
+            early = await post_pose(http)
+            assert early.status_code == 503 and early.json()["error"]["code"] == "unavailable"
+            assert (await http.get("/v1/models")).status_code == 503
+
+            started = live.submit(live.engine.start)
+            assert (await http.get("/readyz")).status_code == 503  # warming up
+            warm.set()
+            started.result(30)
+            assert (await http.get("/readyz")).status_code == 200
+
+            in_flight = asyncio.create_task(post_pose(http))
+
+            async def running() -> bool:
+                return pipeline.images_run == 1
+
+            await wait_until(running)
+            stopped = live.submit(lambda: live.engine.stop(grace_s=30.0))
+
+            async def draining() -> bool:
+                return (await http.get("/readyz")).json()["status"] == "draining"
+
+            await wait_until(draining)
+            refused = await post_pose(http)
+            assert refused.status_code == 503
+            hold.set()
+            assert (await in_flight).status_code == 200  # admitted work finishes
+            stopped.result(30)
+            assert (await http.get("/readyz")).status_code == 503
+
+
+async def test_client_disconnect_cancels_the_queued_job() -> None:
+    hold = threading.Event()
+    pipeline = SlowPipeline(run_gate=hold)
+    with serve(pipeline, max_batch_size=1) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            first = asyncio.create_task(post_pose(http))
+
+            async def busy() -> bool:
+                return pipeline.images_run == 1
+
+            await wait_until(busy)
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as other:
+                second = asyncio.create_task(post_pose(other))
+
+                async def queued() -> bool:
+                    return live.engine.queue_depth() == 1
+
+                await wait_until(queued)
+                second.cancel()  # the client goes away: its connection closes
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+
+            async def dropped() -> bool:
+                return live.engine.queue_depth() == 0
+
+            await wait_until(dropped)
+            hold.set()
+            assert (await first).status_code == 200
+            await metrics_containing(http, 'pose_requests_total{code="499",transport="http"} 1.0')
+    assert pipeline.images_run == 1  # the cancelled job never reached the pipeline
+
+
+def test_deadline_gives_504() -> None:
+    pipeline = SlowPipeline(delay_s=1.0)
+    with (
+        serve(pipeline, settings=Settings(request_timeout_ms=100)) as live,
+        client(live.url) as http,
+    ):
+        answer = http.post("/v1/pose", content=IMAGE, headers={"content-type": "image/png"})
+    assert answer.status_code == 504
+    assert answer.json()["error"]["code"] == "deadline_exceeded"
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[LiveServer]:
+    with serve(SlowPipeline(fail=True)) as live:
+        yield live
+
+
+def test_inference_failure_gives_a_json_500_with_the_request_id(failing: LiveServer) -> None:
+    with client(failing.url) as http:
+        answer = http.post(
+            "/v1/pose",
+            content=IMAGE,
+            headers={"content-type": "image/png", "x-request-id": "abc-1"},
+        )
+    assert answer.status_code == 500
+    assert answer.headers["x-request-id"] == "abc-1"
+    error = answer.json()["error"]
+    assert error["code"] == "internal" and "abc-1" in error["message"]
+
+
+def test_a_non_finite_result_gives_500_never_invalid_json() -> None:
+    with serve(SlowPipeline(nan=True)) as live, client(live.url) as http:
+        answer = http.post("/v1/pose", content=IMAGE, headers={"content-type": "image/png"})
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "internal"
+
+
+async def test_batch_images_are_separate_engine_jobs_that_batch_together() -> None:
+    hold = threading.Event()
+    pipeline = SlowPipeline(run_gate=hold)
+    # A batch is due when 4 images are queued or its first image waited 1 s: the 4 images of the
+    # request, once decoded, fill one batch (and the lone blocker runs after its 1 s).
+    with serve(pipeline, max_batch_size=4, max_delay_ms=1000.0) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            blocker = asyncio.create_task(post_pose(http))
+
+            async def busy() -> bool:
+                return pipeline.images_run == 1
+
+            await wait_until(busy)
+            images = [png(20 + i, 16, seed=i) for i in range(4)]
+            body = [{"image": base64.b64encode(image).decode()} for image in images]
+            batch = asyncio.create_task(http.post("/v1/pose/batch", json=body))
+
+            async def queued() -> bool:
+                return live.engine.queue_depth() == 4
+
+            await wait_until(queued)
+            hold.set()
+            answer = await batch
+            assert (await blocker).status_code == 200
+    assert answer.status_code == 200
+    widths = [result["image"]["width"] for result in answer.json()["results"]]
+    assert widths == [20, 21, 22, 23]  # in request order
+    assert pipeline.batches == [1, 4]  # the four images ran as one pipeline batch
+
+
+def test_batch_fails_whole_on_a_bad_image() -> None:
+    pipeline = SlowPipeline()
+    with serve(pipeline) as live, client(live.url) as http:
+        good = base64.b64encode(IMAGE).decode()
+        answer = http.post(
+            "/v1/pose/batch",
+            json=[{"image": good}, {"image": base64.b64encode(b"\x00\x01junk\xff").decode()}],
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["code"] == "bad_image"
+        too_many = http.post("/v1/pose/batch", json=[{"image": good}] * 33)
+        assert too_many.status_code == 413
+        assert too_many.json()["error"]["code"] == "too_many_images"
+
+
+def test_metrics_registries_are_private_per_app() -> None:
+    pipeline = SlowPipeline()
+    engine = make_engine(pipeline)
+    one, two = create_app(engine, Settings()), create_app(engine, Settings())
+    assert isinstance(one.state.metrics, Metrics) and one.state.metrics is not two.state.metrics

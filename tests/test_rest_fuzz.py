@@ -1,0 +1,137 @@
+"""Fuzz the HTTP API from its own OpenAPI document with schemathesis: no answer is ever a 5xx.
+
+The server is real (uvicorn on a localhost port, the real engine, the real CPU pipeline with
+DistilPose-S recipe weights). A quarter of the generated bodies get a real small image in place of
+the random bytes, so that the random boxes and options reach the model too. Bounded: 25 examples per
+operation, no shrinking, no example database, no deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from PIL import Image
+from schemathesis import GenerationMode
+
+from service.engine import Engine, EngineConfig
+from service.images import decode_image
+from service.rest import create_app
+from service.settings import Settings
+from tests.test_rest_support import LiveServer
+
+
+def _image(fmt: str, width: int, height: int) -> bytes:
+    pixels = np.random.default_rng(width * height).integers(0, 255, (height, width, 3), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format=fmt)
+    return out.getvalue()
+
+
+IMAGES = [_image("PNG", 24, 32), _image("JPEG", 40, 20), _image("PNG", 1, 1)]
+
+
+def _with_real_image(body: Any, image: bytes) -> Any:
+    """Put ``image`` where the generated body has its image (raw, multipart, JSON, lists)."""
+    if isinstance(body, bytes):
+        return image
+    if isinstance(body, dict) and "image" in body:
+        value = body["image"]
+        if isinstance(value, str):
+            return {**body, "image": base64.b64encode(image).decode()}
+        if isinstance(value, list):
+            return {**body, "image": [image for _ in value]}
+        return {**body, "image": image}
+    if isinstance(body, list):
+        return [_with_real_image(entry, image) for entry in body]
+    return body
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(distilpose_s_checkpoint: Path) -> Iterator[LiveServer]:
+    from model.pipeline import build_pipeline
+
+    config = Settings(max_boxes=3, max_images_per_request=2, max_body_bytes=200_000)
+
+    def factory(device: str) -> object:
+        return build_pipeline(
+            model=None,
+            weights=str(distilpose_s_checkpoint),
+            detector=None,
+            detector_weights=None,
+            device=device,
+        )
+
+    engine = Engine(
+        factory,  # type: ignore[arg-type]
+        ["cpu"],
+        EngineConfig(max_batch_size=4, max_delay_ms=1.0),
+        decoder=lambda data: decode_image(data, max_pixels=config.max_image_pixels),
+    )
+    with LiveServer(engine, lambda: [create_app(engine, config)]) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server: LiveServer) -> Any:
+    import httpx
+
+    document = httpx.get(fuzz_server.url + "/openapi.json", timeout=30).json()
+    schema = schemathesis.openapi.from_dict(document)
+    schema.config.update(base_url=fuzz_server.url)
+
+    @schema.hook
+    def before_generate_body(context: Any, strategy: st.SearchStrategy) -> st.SearchStrategy:
+        real = st.sampled_from(IMAGES)
+        return st.tuples(strategy, st.integers(0, 3), real).map(
+            lambda t: _with_real_image(t[0], t[2]) if t[1] == 0 else t[0]
+        )
+
+    return schema
+
+
+FUZZ_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def fuzz(operation: Any, base_url: str) -> Counter[int]:
+    """Run one operation's generated cases (valid and invalid ones); count the statuses."""
+    counts: Counter[int] = Counter()
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+    strategy = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in modes))
+
+    @FUZZ_SETTINGS
+    @given(case=strategy)
+    def check(case: Any) -> None:
+        response = case.call(base_url=base_url, timeout=120)
+        counts[response.status_code] += 1
+        assert response.status_code < 500, (case.as_curl_command(), response.text)
+
+    check()
+    return counts
+
+
+def test_no_input_gives_a_server_error(api_schema: Any, fuzz_server: LiveServer) -> None:
+    # Driven by hand: schemathesis' pytest fixture loader does not work with pytest 9.
+    seen = {}
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        seen[f"{operation.method.upper()} {operation.path}"] = fuzz(operation, fuzz_server.url)
+    logging.getLogger(__name__).info("statuses per operation: %s", seen)
+    pose = seen["POST /v1/pose"]
+    assert pose[200] > 0 and sum(pose.values()) >= 25  # real images reached the model
