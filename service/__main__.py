@@ -86,6 +86,10 @@ def choose_model(settings: Settings) -> ModelChoice:
         if REFERENCE_DETECTOR not in paths:
             raise SetupError(f"the {REFERENCE_DETECTOR} detector is not cached: {_FETCH_HINT}")
         detector_weights = str(paths[REFERENCE_DETECTOR])
+    if detector not in (None, REFERENCE_DETECTOR) and detector_weights is None:
+        # A torchvision detector named without weights gets its published COCO weights (from
+        # torchvision's cache, downloaded where a network exists), never a silent random init.
+        detector_weights = "DEFAULT"
     if settings.weights is not None and not Path(settings.weights).expanduser().is_file():
         raise SetupError(f"--weights: no such file: {settings.weights}")
     # Torchvision detectors also take a weights enum name ("DEFAULT", "COCO_V1") instead of a file.

@@ -149,6 +149,8 @@ def test_model_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         weights=str(weights), detector="fasterrcnn_resnet50_fpn", detector_weights="DEFAULT", **base
     )
     assert cli.choose_model(torchvision).detector_weights == "DEFAULT"  # an enum name, not a file
+    unnamed = torchvision.model_copy(update={"detector_weights": None})
+    assert cli.choose_model(unnamed).detector_weights == "DEFAULT"  # published weights, not random
     with pytest.raises(cli.SetupError, match="detector-weights"):
         cli.choose_model(torchvision.model_copy(update={"detector_weights": "/no/such.pth"}))
 
