@@ -31,8 +31,9 @@ import signal
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,19 @@ DISTILPOSE_MODELS = ("distilpose_s", "distilpose_l")
 REFERENCE_MODEL = "blazepose_full"
 REFERENCE_DETECTOR = "ssdlite_person"
 _FETCH_HINT = "run `pose-service models fetch` once (it caches the reference models)"
+# Settings field -> keyword of PersonDetector (model.detector) and load_detector (model.reference).
+DETECTOR_SETTINGS = {
+    "detector_score_threshold": "score_threshold",
+    "detector_nms_iou": "nms_iou",
+    "detector_max_persons": "max_persons",
+    "detector_min_box_size_px": "min_box_size",
+    "detector_min_size_px": "min_size",
+    "detector_max_size_px": "max_size",
+}
+# The input resize: torchvision detectors only, and only min_size for torchvision's SSDlite (its
+# input is square min_size x min_size).
+_RESIZE_SETTINGS = ("detector_min_size_px", "detector_max_size_px")
+_TORCHVISION_SSD = "ssdlite320_mobilenet_v3_large"
 
 
 class SetupError(Exception):
@@ -68,6 +82,8 @@ class ModelChoice:
     detector: str | None
     detector_weights: str | None
     summary: str
+    # build_pipeline's detector_settings: only the keys that are set, under the detector's names.
+    detector_settings: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
 
 def choose_model(settings: Settings) -> ModelChoice:
@@ -118,8 +134,45 @@ def choose_model(settings: Settings) -> ModelChoice:
     else:
         known = ", ".join((*DISTILPOSE_MODELS, REFERENCE_MODEL))
         raise SetupError(f"--model {model}: unknown model (known: {known})")
+    detector_settings = _detector_settings(settings, detector)
     summary += f"; detector {detector or 'none (caller boxes, else the whole image)'}"
-    return ModelChoice(model, weights, detector, detector_weights, summary)
+    if detector_settings:
+        summary += " with " + ", ".join(f"{k}={v}" for k, v in detector_settings.items())
+    return ModelChoice(model, weights, detector, detector_weights, summary, detector_settings)
+
+
+def _detector_settings(settings: Settings, detector: str | None) -> dict[str, Any]:
+    """The detector settings that are set, under the detector's keyword names.
+
+    Raises:
+        SetupError: an input-resize setting the chosen detector does not have.
+    """
+    given = {
+        name: getattr(settings, name)
+        for name in DETECTOR_SETTINGS
+        if getattr(settings, name) is not None
+    }
+    if detector is None:
+        if given:
+            logger.warning("no person detector runs: ignoring %s", ", ".join(sorted(given)))
+        return {}
+    if detector == REFERENCE_DETECTOR:
+        unsupported = [name for name in _RESIZE_SETTINGS if name in given]
+        why = f"{REFERENCE_DETECTOR} has a fixed 300x300 input"
+    elif detector == _TORCHVISION_SSD:
+        unsupported = ["detector_max_size_px"] if "detector_max_size_px" in given else []
+        why = f"{_TORCHVISION_SSD}'s input is square: set its side with --detector-min-size-px"
+    else:
+        unsupported = []
+    if unsupported:
+        flags = ", ".join(
+            f"--{name.replace('_', '-')} / POSE_{name.upper()}" for name in unsupported
+        )
+        raise SetupError(
+            f"{flags}: not a setting of the {detector} detector ({why}); the input resize "
+            "applies to the torchvision detectors"
+        )
+    return {DETECTOR_SETTINGS[name]: value for name, value in given.items()}
 
 
 def _reference_paths(cache_dir: Path) -> dict[str, Path]:
@@ -144,6 +197,7 @@ def _build_pipeline(choice: ModelChoice, settings: Settings, device: str) -> Pip
         detector_weights=choice.detector_weights,
         device=device,
         max_crops_per_batch=settings.max_crops_per_batch,
+        detector_settings=choice.detector_settings,
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -76,6 +76,35 @@ class Settings(BaseSettings):
     )
     cache_dir: str = Field(
         default="~/.cache/distilpose-service", description="cache of the converted reference models"
+    )
+
+    # The person detector (None: the detector's own default, which differs between detectors).
+    detector_score_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="keep persons scored above this (0..1)"
+    )
+    detector_nms_iou: float | None = Field(
+        default=None, ge=0, le=1, description="IoU threshold of the detector's NMS (0..1)"
+    )
+    detector_max_persons: int | None = Field(
+        default=None, ge=1, description="most persons per image (the best-scored)"
+    )
+    detector_min_box_size_px: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="drop persons whose box width or height is below this",
+    )
+    detector_min_size_px: int | None = Field(
+        default=None,
+        ge=1,
+        description="torchvision detectors: input resize, shorter side (speed vs recall; "
+        "an error with ssdlite_person, whose input is a fixed 300x300)",
+    )
+    detector_max_size_px: int | None = Field(
+        default=None,
+        ge=1,
+        description="torchvision detectors: input resize, cap of the longer side (an error with "
+        "ssdlite_person and ssdlite320_mobilenet_v3_large, whose inputs are square)",
     )
 
     # Where it listens.
@@ -160,10 +189,21 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be cpu, cuda, cuda:N or a comma list, got {value!r}")
         return ",".join(parts)
 
-    @field_validator("model", "weights", "detector_weights", mode="before")
+    @field_validator(
+        "model",
+        "weights",
+        "detector_weights",
+        "detector_score_threshold",
+        "detector_nms_iou",
+        "detector_max_persons",
+        "detector_min_box_size_px",
+        "detector_min_size_px",
+        "detector_max_size_px",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
-        """``POSE_WEIGHTS=`` (empty) means unset."""
+        """An empty value (``POSE_WEIGHTS=``, ``POSE_DETECTOR_NMS_IOU=``) means unset."""
         return None if value == "" else value
 
     @field_validator("detector")
@@ -171,6 +211,16 @@ class Settings(BaseSettings):
     def _lower_detector(cls, value: str) -> str:
         """Detector names are case-insensitive."""
         return value.strip().lower()
+
+    @model_validator(mode="after")
+    def _check_resize(self) -> Settings:
+        """The input resize's cap of the longer side is not below its shorter side."""
+        low, high = self.detector_min_size_px, self.detector_max_size_px
+        if low is not None and high is not None and high < low:
+            raise ValueError(
+                f"detector_max_size_px ({high}) must be >= detector_min_size_px ({low})"
+            )
+        return self
 
     def devices(self) -> list[str]:
         """The engine's devices, one worker each (``["cpu"]``, ``["cuda:0", "cuda:1"]``)."""

@@ -97,6 +97,11 @@ def test_kubernetes_service_link_variables_are_tolerated(monkeypatch: pytest.Mon
         ["serve", "--http-port", "70000"],
         ["serve", "--precision", "fp8"],
         ["serve", "--max-queue-size", "0"],
+        ["serve", "--detector-score-threshold", "1.5"],
+        ["serve", "--detector-nms-iou", "-0.1"],
+        ["serve", "--detector-max-persons", "0"],
+        ["serve", "--detector-min-box-size-px", "inf"],
+        ["serve", "--detector-min-size-px", "800", "--detector-max-size-px", "600"],
         ["frobnicate"],
     ],
 )
@@ -172,6 +177,155 @@ def test_models_fetch_calls_the_reference_module(
     assert cli.main(["models", "fetch", "--cache-dir", str(tmp_path / "c")]) == 0
     assert calls == [tmp_path / "c"]
     assert "blazepose_full:" in capsys.readouterr().out
+
+
+DETECTOR_FLAGS = (
+    "--detector-score-threshold",
+    "0.25",
+    "--detector-nms-iou",
+    "0.4",
+    "--detector-max-persons",
+    "5",
+    "--detector-min-box-size-px",
+    "2.5",
+    "--detector-min-size-px",
+    "320",
+    "--detector-max-size-px",
+    "480",
+)
+DETECTOR_KWARGS = {
+    "score_threshold": 0.25,
+    "nms_iou": 0.4,
+    "max_persons": 5,
+    "min_box_size": 2.5,
+    "min_size": 320,
+    "max_size": 480,
+}
+
+
+def test_detector_settings_parse_from_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    default = parse()
+    assert all(getattr(default, name) is None for name in cli.DETECTOR_SETTINGS)
+    given = parse(*DETECTOR_FLAGS)
+    assert (given.detector_score_threshold, given.detector_nms_iou) == (0.25, 0.4)
+    assert (given.detector_max_persons, given.detector_min_box_size_px) == (5, 2.5)
+    assert (given.detector_min_size_px, given.detector_max_size_px) == (320, 480)
+    monkeypatch.setenv("POSE_DETECTOR_SCORE_THRESHOLD", "0.6")
+    monkeypatch.setenv("POSE_DETECTOR_MIN_SIZE_PX", "512")
+    monkeypatch.setenv("POSE_DETECTOR_NMS_IOU", "")  # empty: unset
+    from_env = parse()
+    assert (from_env.detector_score_threshold, from_env.detector_min_size_px) == (0.6, 512)
+    assert from_env.detector_nms_iou is None
+    assert parse("--detector-score-threshold", "0.1").detector_score_threshold == 0.1  # flags win
+
+
+def test_detector_setting_names_are_the_detectors_keywords() -> None:
+    """The mapping follows the real signatures; the resize is torchvision's alone."""
+    import inspect
+
+    from model.detector import PersonDetector
+    from model.reference import load_detector
+
+    torchvision = set(inspect.signature(PersonDetector).parameters)
+    reference = set(inspect.signature(load_detector).parameters)
+    assert set(cli.DETECTOR_SETTINGS.values()) <= torchvision
+    resize = {"min_size", "max_size"}
+    assert set(cli.DETECTOR_SETTINGS.values()) - resize <= reference
+    assert not resize & reference
+
+
+def test_detector_settings_reach_build_pipeline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import model.pipeline
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(model.pipeline, "build_pipeline", lambda **kw: calls.append(kw))
+    fake_reference(monkeypatch, tmp_path / "cache", available=True)
+    base: dict[str, object] = {"cache_dir": str(tmp_path / "cache"), "model": "distilpose_s"}
+    base["allow_random_weights"] = True
+
+    def built(*argv: str, **settings: object) -> object:
+        config = parse(*argv).model_copy(update={**base, **settings})
+        cli._build_pipeline(cli.choose_model(config), config, "cpu")
+        return calls[-1]["detector_settings"]
+
+    tv = "fasterrcnn_mobilenet_v3_large_fpn"
+    assert built(*DETECTOR_FLAGS, detector=tv) == DETECTOR_KWARGS
+    assert built("--detector-max-persons", "3", detector=tv) == {"max_persons": 3}  # only those set
+    assert built(detector=tv) == {}
+    assert calls[-1]["detector"] == tv and calls[-1]["detector_weights"] == "DEFAULT"
+    # The reference detector takes the same settings, less the input resize.
+    reference = built(*DETECTOR_FLAGS[:8], detector="ssdlite_person")
+    assert reference == {
+        k: v for k, v in DETECTOR_KWARGS.items() if k not in ("min_size", "max_size")
+    }
+    assert calls[-1]["detector"] == "ssdlite_person"
+    # torchvision's SSDlite has a square input: min_size sets its side, max_size has no meaning.
+    ssd = "ssdlite320_mobilenet_v3_large"
+    assert built("--detector-min-size-px", "256", detector=ssd) == {"min_size": 256}
+    # No detector runs: the settings are dropped with a warning, not an error.
+    caplog.set_level(logging.WARNING, logger="service")
+    assert built("--detector-score-threshold", "0.3", detector="none") == {}
+    assert "ignoring detector_score_threshold" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("detector", "flags", "named"),
+    [
+        ("ssdlite_person", ("--detector-min-size-px", "320"), "--detector-min-size-px"),
+        ("ssdlite_person", ("--detector-max-size-px", "640"), "POSE_DETECTOR_MAX_SIZE_PX"),
+        ("auto", ("--detector-min-size-px", "320"), "fixed 300x300"),  # auto: ssdlite_person
+        ("ssdlite320_mobilenet_v3_large", ("--detector-max-size-px", "640"), "square"),
+    ],
+)
+async def test_resize_settings_a_detector_lacks_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    detector: str,
+    flags: tuple[str, ...],
+    named: str,
+) -> None:
+    """A clear SetupError from choose_model, before any server or worker starts."""
+    fake_reference(monkeypatch, tmp_path / "cache", available=True)
+    settings = parse("--detector", detector, "--cache-dir", str(tmp_path / "cache"), *flags)
+    with pytest.raises(cli.SetupError, match="not a setting of the") as info:
+        cli.choose_model(settings)
+    assert named in str(info.value)
+
+    with pytest.raises(cli.SetupError):
+        await cli.serve(settings)
+
+
+def test_detector_settings_reach_a_torchvision_detector(tmp_path: Path) -> None:
+    """End to end: flags -> choose_model -> _build_pipeline -> PersonDetector over a local file."""
+    import torch
+    from torchvision.models import detection
+
+    torch.manual_seed(0)
+    net = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+    torch.save(net.state_dict(), tmp_path / "frcnn.pth")
+    settings = parse(
+        "--model",
+        "distilpose_s",
+        "--allow-random-weights",
+        "--detector",
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "--detector-weights",
+        str(tmp_path / "frcnn.pth"),
+        "--cache-dir",
+        str(tmp_path / "no-cache"),
+        *DETECTOR_FLAGS,
+    )
+    choice = cli.choose_model(settings)
+    assert "min_size=320" in choice.summary
+    det = cli._build_pipeline(choice, settings, "cpu").detector  # type: ignore[attr-defined]
+    assert (det.score_threshold, det.nms_iou, det.max_persons) == (0.25, 0.4, 5)
+    assert det.min_box_size == 2.5
+    assert (det.net.roi_heads.score_thresh, det.net.roi_heads.nms_thresh) == (0.25, 0.4)
+    assert (det.net.transform.min_size, det.net.transform.max_size) == ((320,), 480)
 
 
 async def test_serve_runs_http_and_grpc_on_one_loop_and_drains(
