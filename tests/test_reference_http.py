@@ -13,6 +13,7 @@ Skipped without the converted models in the cache (``pose-service models fetch``
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,10 @@ OKS_WITH_BOX = 0.85  # measured 0.904
 OKS_WITH_DETECTOR = 0.86  # measured 0.915
 
 
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveServer]:
+@contextlib.contextmanager
+def reference_service() -> Iterator[LiveServer]:
+    """A real HTTP server over the real engine with blazepose_full + ssdlite_person (skips when
+    the reference models are not cached)."""
     cache = default_cache_dir()
     if not reference_models_available(cache):
         pytest.skip(f"reference models not in the cache {cache}: run `pose-service models fetch`")
@@ -58,6 +61,12 @@ def live() -> Iterator[LiveServer]:
         decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
     )
     with LiveServer(engine, lambda: [create_app(engine, settings)]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveServer]:
+    with reference_service() as server:
         yield server
 
 
