@@ -42,7 +42,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.engine import Engine, EngineConfig, Pipeline
-from service.images import decode_image
+from service.images import decode_image, probe_image
 from service.metrics import Metrics
 from service.rest import create_app
 from service.rest_middleware import JsonLogFormatter
@@ -235,9 +235,16 @@ async def serve(
         decode_workers=settings.decode_workers,
         warmup=settings.warmup,
         drain_grace_s=settings.drain_grace_s,
+        gpu_decode=settings.gpu_decode,
     )
-    decoder = partial(decode_image, max_pixels=settings.max_image_pixels)
-    engine = Engine(pipeline_factory, settings.devices(), config, decoder=decoder, observer=metrics)
+    engine = Engine(
+        pipeline_factory,
+        settings.devices(),
+        config,
+        decoder=partial(decode_image, max_pixels=settings.max_image_pixels),
+        probe=partial(probe_image, max_pixels=settings.max_image_pixels),
+        observer=metrics,
+    )
     app = create_app(engine, settings, metrics=metrics)
     http = _Server(
         uvicorn.Config(

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from model.interfaces import PipelineItem
+from service.images import EncodedJpeg
 
 __all__ = ["BatchQueue", "Job", "JobState"]
 
@@ -51,7 +52,9 @@ class Job:
     """One admitted request.
 
     ``state`` is guarded by the queue's lock; ``future``, ``timer`` and ``decode_future`` are only
-    touched on the event-loop thread. Times are ``time.monotonic()`` seconds.
+    touched on the event-loop thread. Times are ``time.monotonic()`` seconds. ``jpeg`` is set while
+    the image waits, encoded, for its worker's device decoder (``item.image`` is then a
+    placeholder); ``decode_s`` adds up the decode pool's and the worker's decoding.
     """
 
     item: PipelineItem
@@ -64,7 +67,8 @@ class Job:
     queue_s: float = 0.0
     decode_s: float = 0.0
     timer: asyncio.TimerHandle | None = None
-    decode_future: asyncio.Future[tuple[torch.Tensor, float]] | None = None
+    decode_future: asyncio.Future[tuple[torch.Tensor | EncodedJpeg, float]] | None = None
+    jpeg: EncodedJpeg | None = None
 
 
 class BatchQueue:

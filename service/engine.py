@@ -22,8 +22,11 @@ The contract, each part tested in ``tests/test_engine*.py``:
 
 Encoded images are decoded by ``decoder`` in a thread pool before they are queued, so decoding never
 blocks the event loop; jobs being decoded count toward ``max_queue_size`` so that overload is
-refused before any work is spent on it. The engine imports no transport (fastapi, grpc) and no
-metrics library: metrics arrive through an ``EngineObserver``.
+refused before any work is spent on it. With ``gpu_decode`` on one CUDA device the pool only reads
+headers (``probe``, which also enforces the pixel limit): a JPEG the device decodes as the CPU
+would is queued encoded and its worker decodes the whole batch's JPEGs with nvJPEG in one call
+(``service.workers``); everything else is decoded in the pool as before. The engine imports no
+transport (fastapi, grpc) and no metrics library: metrics arrive through an ``EngineObserver``.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ import torch
 
 from model.interfaces import BatchStats, ImageResult, PipelineItem, PoseOptions, Precision
 from service.batching import RETRY_DEFAULT_S, BatchQueue, Job, JobState
-from service.images import ImageError
-from service.workers import Pipeline, WorkerPool
+from service.images import EncodedJpeg, ImageError, ImageHeader
+from service.workers import DeviceDecoder, Pipeline, WorkerPool, plan_decoding
 
 __all__ = [
     "DeadlineExceededError",
@@ -77,6 +80,9 @@ class EngineConfig:
         decode_workers: Threads decoding encoded images.
         warmup: Run ``pipeline.warmup()`` in ``start()`` before reporting ready.
         drain_grace_s: Default grace period of ``stop()``.
+        gpu_decode: Decode the JPEGs that qualify (``service.images.probe_image``) on the
+            workers' CUDA device, batched, instead of in the decode pool; no effect unless every
+            worker is on one CUDA device. Off by default until the benchmark says it wins.
     """
 
     max_batch_size: int = 16
@@ -85,6 +91,7 @@ class EngineConfig:
     decode_workers: int = 2
     warmup: bool = True
     drain_grace_s: float = 30.0
+    gpu_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -161,9 +168,10 @@ class PoseRequest:
 class PoseResponse:
     """The result of one image and where its time went.
 
-    ``timing_ms`` keys: ``queue`` (waiting for a worker, after decode), ``decode``, ``detect`` and
-    ``pose`` (compute seconds of the whole batch the image ran in), ``total`` (from ``infer``'s
-    call to the answer).
+    ``timing_ms`` keys: ``queue`` (waiting for a worker, after decode), ``decode`` (in the pool,
+    plus the batch's device decoding for a JPEG decoded on the GPU), ``detect`` and ``pose``
+    (compute seconds of the whole batch the image ran in), ``total`` (from ``infer``'s call to the
+    answer).
     """
 
     result: ImageResult
@@ -201,10 +209,17 @@ class NoopObserver:
 
 
 def _timed_decode(
-    decoder: Callable[[bytes], torch.Tensor], data: bytes
-) -> tuple[torch.Tensor, float]:
-    """Decode in a pool thread and say how long it took."""
+    decoder: Callable[[bytes], torch.Tensor],
+    data: bytes,
+    probe: Callable[[bytes], ImageHeader] | None = None,
+) -> tuple[torch.Tensor | EncodedJpeg, float]:
+    """Decode in a pool thread (or, given a probe, leave a JPEG the device decodes encoded) and
+    say how long it took."""
     t0 = time.monotonic()
+    if probe is not None:
+        header = probe(data)
+        if header.device_decodable:
+            return EncodedJpeg.from_upload(data, header), time.monotonic() - t0
     image = decoder(data)
     return image, time.monotonic() - t0
 
@@ -251,7 +266,16 @@ class Engine:
         decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in the decode pool; its
             exceptions (``service.images.ImageError``) reach the caller unchanged. Without one,
             requests must carry decoded tensors.
+        probe: Encoded bytes -> ``ImageHeader`` without decoding (``service.images.probe_image``
+            with the pixel limit); needed by ``config.gpu_decode``, run in the decode pool, its
+            exceptions reach the caller unchanged.
+        device_decoder: The workers' batched JPEG decoder; by default
+            ``service.images.decode_jpegs`` (nvJPEG), used only when every worker is on one CUDA
+            device. One given here is used on every worker, whatever its device (tests).
         observer: Metrics hooks.
+
+    Raises:
+        ValueError: No device, or ``config.gpu_decode`` without a decoder and a probe.
     """
 
     def __init__(
@@ -261,12 +285,23 @@ class Engine:
         config: EngineConfig,
         *,
         decoder: Callable[[bytes], torch.Tensor] | None = None,
+        probe: Callable[[bytes], ImageHeader] | None = None,
+        device_decoder: DeviceDecoder | None = None,
         observer: EngineObserver | None = None,
     ) -> None:
         if not devices:
             raise ValueError("at least one device is needed")
         self._config = config
         self._decoder = decoder
+        decoding = plan_decoding(
+            devices,
+            gpu_decode=config.gpu_decode,
+            decoder=decoder,
+            probe=probe,
+            device_decoder=device_decoder,
+            warmup=config.warmup,
+        )
+        self._probe = probe if decoding is not None else None
         self._observer: EngineObserver = observer if observer is not None else NoopObserver()
         self._queue = BatchQueue(
             max_batch_size=config.max_batch_size,
@@ -282,6 +317,8 @@ class Engine:
             on_taken=self._taken,
             on_success=self._succeeded,
             on_failure=self._failed,
+            decoding=decoding,
+            on_rejected=lambda job, exc: self._post(job, exc=exc),
         )
         # Event-loop-only state.
         self._live: set[Job] = set()  # admitted jobs whose future is not settled yet
@@ -302,6 +339,12 @@ class Engine:
     def draining(self) -> bool:
         """``stop()`` was called (or ``start()`` failed): new requests are refused."""
         return self._draining
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether qualifying JPEGs are decoded by the workers on their device (``gpu_decode``
+        in effect) rather than in the decode pool."""
+        return self._probe is not None
 
     @property
     def config(self) -> EngineConfig:
@@ -328,7 +371,12 @@ class Engine:
             await self._shut_down()
             raise
         self._ready = True
-        logger.info("engine ready: workers on %s, %s", self._workers.devices, self._config)
+        logger.info(
+            "engine ready: workers on %s, JPEGs decoded %s, %s",
+            self._workers.devices,
+            "on the device" if self.decodes_on_device else "in the CPU pool",
+            self._config,
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new work, let admitted jobs finish within ``grace_s``, then fail the rest.
@@ -387,7 +435,7 @@ class Engine:
             DeadlineExceededError: ``request.deadline`` passed before the answer.
             EngineStoppedError: The drain grace period expired first.
             InferenceError: The batch failed.
-            ImageError: The decoder refused the bytes (its error, unchanged), or the image tensor
+            ImageError: The decoder or probe refused the bytes (unchanged), or the image tensor
                 or boxes are unusable (checked here so that one bad request cannot fail a batch).
             ValueError: Unknown ``options.precision``.
         """
@@ -431,7 +479,7 @@ class Engine:
         if data is not None:
             assert self._decoder is not None and self._decode_pool is not None
             decode_future = loop.run_in_executor(
-                self._decode_pool, _timed_decode, self._decoder, data
+                self._decode_pool, _timed_decode, self._decoder, data, self._probe
             )
             job.decode_future = decode_future
             decode_future.add_done_callback(lambda f: self._decoded(job, f))
@@ -442,8 +490,11 @@ class Engine:
             self._finish(job)
             raise
 
-    def _decoded(self, job: Job, decode_future: asyncio.Future[tuple[torch.Tensor, float]]) -> None:
-        """Decode-pool completion, on the event loop: queue the image, or fail the job."""
+    def _decoded(
+        self, job: Job, decode_future: asyncio.Future[tuple[torch.Tensor | EncodedJpeg, float]]
+    ) -> None:
+        """Decode-pool completion, on the event loop: queue the image (or the JPEG for the
+        worker's device decoder), or fail the job."""
         if decode_future.cancelled():
             self._finish(job, exc=EngineStoppedError("the server is shutting down"))
             return
@@ -454,12 +505,15 @@ class Engine:
             self._finish(job, exc=exc)  # the decoder's ImageError, unchanged
             return
         image, job.decode_s = decode_future.result()
-        try:
-            _check_image(image)
-        except ImageError as bad:
-            self._finish(job, exc=bad)
-            return
-        job.item.image = image
+        if isinstance(image, EncodedJpeg):
+            job.jpeg = image
+        else:
+            try:
+                _check_image(image)
+            except ImageError as bad:
+                self._finish(job, exc=bad)
+                return
+            job.item.image = image
         self._queue.enqueue(job)
 
     def _expire(self, job: Job) -> None:

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
         default=256, ge=1, description="most person crops in one forward"
     )
     decode_workers: int = Field(default=2, ge=1, description="threads decoding uploads")
+    gpu_decode: bool = Field(
+        default=False,
+        description="decode JPEG uploads on the GPU (nvJPEG, batched in the worker) when every "
+        "worker is on one CUDA device; other images, and CMYK or EXIF-rotated JPEGs, stay on the "
+        "CPU decode pool. Off until `python -m bench.decode --device cuda` on the serving GPU "
+        "shows it wins",
+    )
     warmup: bool = Field(default=True, description="run a dummy batch before turning ready")
     drain_grace_s: float = Field(
         default=30.0, ge=0, description="time for in-flight work on SIGTERM"

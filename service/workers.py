@@ -6,6 +6,13 @@ then takes batches from the shared ``BatchQueue`` until it is closed. A batch is
 ``pipeline.run`` call; a CUDA out-of-memory error splits it in halves that are run in turn,
 recursively, so that only a single image that still does not fit fails.
 
+With device decoding on (``DeviceDecoding``; ``EngineConfig.gpu_decode`` on one CUDA device), JPEGs
+arrive encoded (``Job.jpeg``) and the worker decodes them all in one call on its device, in its
+stream, just before ``pipeline.run``. A failing call is split in halves, recursively (a CUDA
+out-of-memory error the same way); a single file the device decoder still refuses is decoded by the
+CPU decoder, whose ``ImageError`` fails that job alone, so an upload gets the same answer or the
+same error on either route.
+
 Outcomes go back through callbacks, called on the worker thread; ``service.engine.Engine`` turns
 them into answers and errors on its event loop.
 """
@@ -18,14 +25,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from model.interfaces import BatchStats, ImageResult, PipelineItem
 from service.batching import BatchQueue, Job
+from service.images import EncodedJpeg, ImageError, ImageHeader, decode_jpegs, sample_jpeg
 
-__all__ = ["Pipeline", "WorkerPool", "is_oom"]
+__all__ = ["DeviceDecoder", "DeviceDecoding", "Pipeline", "WorkerPool", "is_oom", "plan_decoding"]
+
+# (JPEG files as 1-D uint8 CPU tensors, device) -> (3, H, W) uint8 RGB tensors on the device, in
+# order; all or nothing (``service.images.decode_jpegs``).
+DeviceDecoder = Callable[[Sequence[torch.Tensor], torch.device], list[torch.Tensor]]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +67,63 @@ class Pipeline(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DeviceDecoding:
+    """How workers decode the JPEGs queued encoded (``Job.jpeg``).
+
+    Attributes:
+        decode: the batched device decoder.
+        fallback: the CPU decoder (encoded bytes -> (3, H, W) uint8 RGB), for a file the device
+            decoder refuses on its own; its exceptions reach that job's caller unchanged.
+        warmup: a JPEG each worker decodes once while starting (nvJPEG builds its state on the
+            first call), or None.
+    """
+
+    decode: DeviceDecoder
+    fallback: Callable[[bytes], torch.Tensor]
+    warmup: bytes | None = None
+
+
+def plan_decoding(
+    devices: Sequence[str],
+    *,
+    gpu_decode: bool,
+    decoder: Callable[[bytes], torch.Tensor] | None,
+    probe: Callable[[bytes], ImageHeader] | None,
+    device_decoder: DeviceDecoder | None,
+    warmup: bool,
+) -> DeviceDecoding | None:
+    """Whether the workers decode JPEGs on their device, and with what.
+
+    With the default decoder (torchvision's nvJPEG), only when every worker is on one CUDA device:
+    CPU workers decode on the CPU pool as without ``gpu_decode``, and torchvision's one
+    process-wide nvJPEG decoder is rebuilt (the old one leaked) whenever the device changes. An
+    explicit ``device_decoder`` is used on every worker, whatever its device (tests run the route
+    on the CPU with ``decode_jpegs``, which decodes there with libjpeg-turbo).
+
+    Raises:
+        ValueError: ``gpu_decode`` without a CPU decoder and a probe.
+    """
+    if not gpu_decode:
+        return None
+    if decoder is None or probe is None:
+        raise ValueError("gpu_decode needs a decoder (the CPU fallback) and a probe")
+    if device_decoder is None:
+        parsed = [torch.device(d) for d in devices]
+        indices = {0 if d.index is None else d.index for d in parsed if d.type == "cuda"}
+        if len(indices) != 1 or any(d.type != "cuda" for d in parsed):
+            logger.warning(
+                "gpu_decode is on but the workers are not all on one CUDA device (%s): JPEGs are "
+                "decoded on the CPU decode pool",
+                ",".join(devices),
+            )
+            return None
+        device_decoder = decode_jpegs
+    return DeviceDecoding(
+        decode=device_decoder, fallback=decoder, warmup=sample_jpeg() if warmup else None
+    )
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is a CUDA out-of-memory error (some kernels raise a plain RuntimeError)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -73,6 +143,9 @@ class WorkerPool:
             past their deadline (not to be run).
         on_success: ``(jobs, results, stats, seconds)`` of a pipeline call that succeeded.
         on_failure: ``(jobs, exception)`` of a pipeline call that failed (and is not retried).
+        decoding: Decode the jobs queued encoded on the worker's device; None: none are.
+        on_rejected: ``(job, exception)``: the CPU decoder refused a file the device decoder
+            refused (the exception goes to the caller unchanged); needed with ``decoding``.
     """
 
     def __init__(
@@ -85,7 +158,11 @@ class WorkerPool:
         on_taken: Callable[[list[Job], list[Job]], None],
         on_success: Callable[[list[Job], list[ImageResult], BatchStats, float], None],
         on_failure: Callable[[list[Job], Exception], None],
+        decoding: DeviceDecoding | None = None,
+        on_rejected: Callable[[Job, Exception], None] | None = None,
     ) -> None:
+        if decoding is not None and on_rejected is None:
+            raise ValueError("device decoding needs on_rejected")
         self.devices = [str(d) for d in devices]
         self._factory = pipeline_factory
         self._queue = queue
@@ -93,6 +170,8 @@ class WorkerPool:
         self._on_taken = on_taken
         self._on_success = on_success
         self._on_failure = on_failure
+        self._decoding = decoding
+        self._on_rejected = on_rejected
         self.pipelines: list[Pipeline | None] = [None] * len(self.devices)
         self._threads: list[threading.Thread] = []
 
@@ -148,6 +227,9 @@ class WorkerPool:
                 with torch.inference_mode():
                     if self._warmup:
                         pipeline.warmup()
+                    if self._decoding is not None and self._decoding.warmup is not None:
+                        jpeg = torch.frombuffer(bytearray(self._decoding.warmup), dtype=torch.uint8)
+                        self._decoding.decode([jpeg], _indexed(pipeline.device))
                     self.pipelines[index] = pipeline
                     loop.call_soon_threadsafe(_settle_started, started, None)
                     reported = True
@@ -174,6 +256,10 @@ class WorkerPool:
         if not jobs:
             return
         t0 = time.monotonic()
+        if any(job.jpeg is not None for job in jobs):
+            jobs = self._queue.still_running(self._decode(pipeline.device, cuda, jobs))
+            if not jobs:
+                return
         oom = False
         try:
             results, stats = pipeline.run([job.item for job in jobs])
@@ -198,6 +284,84 @@ class WorkerPool:
             self._execute(pipeline, device, cuda, jobs[half:])
             return
         self._on_success(jobs, results, stats, time.monotonic() - t0)
+
+    def _decode(self, device: torch.device, cuda: bool, jobs: list[Job]) -> list[Job]:
+        """Decode the JPEGs of ``jobs`` on ``device``; returns the jobs ready to run (those whose
+        file was refused are failed already)."""
+        pending = [job for job in jobs if job.jpeg is not None]
+        t0 = time.monotonic()
+        refused = self._decode_split(_indexed(device), cuda, pending)
+        spent = time.monotonic() - t0  # the batch's decoding, as detect and pose are the batch's
+        for job in pending:
+            job.decode_s += spent
+        return [job for job in jobs if job not in refused]
+
+    def _decode_split(self, device: torch.device, cuda: bool, jobs: list[Job]) -> set[Job]:
+        """One device-decoder call over ``jobs``; when it fails, the halves, recursively; a single
+        file still refused goes to the CPU decoder. Returns the jobs refused (already failed)."""
+        assert self._decoding is not None
+        jpegs = [_jpeg_of(job) for job in jobs]
+        try:
+            images = self._decoding.decode([jpeg.data for jpeg in jpegs], device)
+            _check_decoded(jpegs, images)
+        except Exception as exc:
+            oom, why = is_oom(exc), f"{type(exc).__name__}: {exc}"
+        else:
+            for job, image in zip(jobs, images, strict=True):
+                job.item.image, job.jpeg = image, None
+            return set()
+        # Split outside the except block, so that the traceback's frames are freed first.
+        if len(jobs) > 1:
+            logger.info("device decode of %d JPEGs failed (%s); splitting", len(jobs), why)
+            if oom and cuda:
+                torch.cuda.empty_cache()
+            half = len(jobs) // 2
+            first = self._decode_split(device, cuda, jobs[:half])
+            return first | self._decode_split(device, cuda, jobs[half:])
+        return self._decode_on_cpu(jobs[0], jpegs[0], why)
+
+    def _decode_on_cpu(self, job: Job, jpeg: EncodedJpeg, why: str) -> set[Job]:
+        """The CPU decoder's verdict on a file the device decoder refused alone."""
+        assert self._decoding is not None and self._on_rejected is not None
+        logger.info(  # not a warning: any client can send a corrupt file
+            "device decoder refused a %dx%d JPEG (%s); decoding it on the CPU",
+            jpeg.width,
+            jpeg.height,
+            why,
+        )
+        try:
+            image = self._decoding.fallback(jpeg.raw)
+            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+                raise ImageError("bad_image", f"decoded to {tuple(image.shape)} {image.dtype}")
+        except Exception as exc:
+            self._on_rejected(job, exc)
+            return {job}
+        job.item.image, job.jpeg = image, None
+        return set()
+
+
+def _jpeg_of(job: Job) -> EncodedJpeg:
+    assert job.jpeg is not None
+    return job.jpeg
+
+
+def _check_decoded(jpegs: list[EncodedJpeg], images: list[torch.Tensor]) -> None:
+    """Refuse a device decoder's answer that is not one (3, H, W) uint8 image per header."""
+    if len(images) != len(jpegs):
+        raise RuntimeError(f"{len(images)} images decoded from {len(jpegs)} files")
+    for jpeg, image in zip(jpegs, images, strict=True):
+        if image.dtype != torch.uint8 or tuple(image.shape) != (3, jpeg.height, jpeg.width):
+            raise RuntimeError(
+                f"decoded {tuple(image.shape)} {image.dtype} from a {jpeg.width}x{jpeg.height} JPEG"
+            )
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """A CUDA device with its index (the thread's current one when none is given), so that
+    torchvision's nvJPEG decoder sees one device, never "cuda" and "cuda:0" in turn."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @contextlib.contextmanager
