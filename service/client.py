@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -131,6 +139,40 @@ async def _aiter_frames(frames: AsyncIterable[Frame] | Iterable[Frame]) -> Async
 
 def _as_frame(frame: Frame | bytes) -> Frame:
     return frame if isinstance(frame, Frame) else Frame(image=frame)
+
+
+async def _estimates(
+    client: PoseClient,
+    frames: AsyncIterable[Frame],
+    *,
+    options: Options | None,
+    timeout_s: float | None,
+    window: int,
+) -> AsyncGenerator[tuple[Frame, dict[str, Any]], None]:
+    """``client.estimate`` on every frame, at most ``window`` calls in flight, each frame with its
+    result in input order (a failed call's result holds its ``error``). The calls still in flight
+    are cancelled when the generator is closed early (callers use ``contextlib.aclosing`` so that
+    this happens at once)."""
+
+    async def one(frame: Frame) -> dict[str, Any]:
+        try:
+            return await client.estimate(frame, options=options, timeout_s=timeout_s)
+        except PoseClientError as exc:
+            return {"frame_id": frame.frame_id, "error": {"code": exc.code, "message": exc.message}}
+
+    pending: deque[tuple[Frame, asyncio.Task[dict[str, Any]]]] = deque()
+    try:
+        async for frame in frames:
+            pending.append((frame, asyncio.create_task(one(frame))))
+            if len(pending) >= max(1, window):
+                done, task = pending.popleft()
+                yield done, await task
+        while pending:
+            done, task = pending.popleft()
+            yield done, await task
+    finally:
+        for _, task in pending:
+            task.cancel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,29 +397,14 @@ class HttpPoseClient(PoseClient):
     ) -> AsyncIterator[dict[str, Any]]:
         """Frames as concurrent requests, at most ``window`` in flight, answers in order."""
 
-        async def one(frame: Frame, index: int) -> dict[str, Any]:
-            try:
-                result = await self.estimate(frame, options=options, timeout_s=timeout_s)
-            except PoseClientError as exc:
-                result = {
-                    "frame_id": frame.frame_id,
-                    "error": {"code": exc.code, "message": exc.message},
-                }
-            return {**result, "index": index}
-
-        pending: deque[asyncio.Task[dict[str, Any]]] = deque()
-        try:
-            index = 0
-            async for frame in _aiter_frames(frames):
-                pending.append(asyncio.create_task(one(frame, index)))
+        answers = _estimates(
+            self, _aiter_frames(frames), options=options, timeout_s=timeout_s, window=window
+        )
+        async with contextlib.aclosing(answers):
+            index = 0  # answers come in input order: a frame's index is its answer's position
+            async for _, result in answers:
+                yield {**result, "index": index}
                 index += 1
-                if len(pending) >= max(1, window):
-                    yield await pending.popleft()
-            while pending:
-                yield await pending.popleft()
-        finally:
-            for task in pending:
-                task.cancel()
 
     async def model_info(self) -> dict[str, Any]:
         """``GET /v1/models``: the model description with the server's limits."""
@@ -459,21 +486,16 @@ class _Run:
 async def _images(run: _Run, source: str, frames: Iterator[Frame], options: Options) -> None:
     """Unary calls, ``--concurrency`` at a time, written in input order."""
 
-    async def one(frame: Frame) -> dict[str, Any]:
-        try:
-            return await run.client.estimate(frame, options=options, timeout_s=run.args.timeout)
-        except PoseClientError as exc:
-            return {"frame_id": frame.frame_id, "error": {"code": exc.code, "message": exc.message}}
-
-    pending: deque[tuple[Frame, asyncio.Task[dict[str, Any]]]] = deque()
-    async for frame in in_thread(frames):
-        pending.append((frame, asyncio.create_task(one(frame))))
-        if len(pending) >= max(1, run.args.concurrency):
-            done, task = pending.popleft()
-            run.write(source, done, await task)
-    while pending:
-        done, task = pending.popleft()
-        run.write(source, done, await task)
+    answers = _estimates(
+        run.client,
+        in_thread(frames),
+        options=options,
+        timeout_s=run.args.timeout,
+        window=run.args.concurrency,
+    )
+    async with contextlib.aclosing(answers):
+        async for frame, result in answers:
+            run.write(source, frame, result)
 
 
 async def _video(run: _Run, source: str, frames: Iterator[Frame], options: Options) -> None:

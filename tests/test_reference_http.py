@@ -22,12 +22,11 @@ import httpx
 import pytest
 
 from model.reference import default_cache_dir, reference_models_available
-from service.engine import Engine, EngineConfig
-from service.images import decode_image
+from service.engine import EngineConfig
 from service.rest import create_app
 from service.settings import Settings
 from tests.test_reference import coco_oks
-from tests.test_rest_support import LiveServer
+from tests.test_rest_support import LiveServer, cpu_pipeline_engine
 
 ASSETS = Path(__file__).parent / "assets"
 OKS_WITH_BOX = 0.85  # measured 0.904
@@ -41,24 +40,14 @@ def reference_service() -> Iterator[LiveServer]:
     cache = default_cache_dir()
     if not reference_models_available(cache):
         pytest.skip(f"reference models not in the cache {cache}: run `pose-service models fetch`")
-    from model.pipeline import build_pipeline
-
     settings = Settings(cache_dir=str(cache))
-
-    def factory(device: str) -> object:
-        return build_pipeline(
-            model="blazepose_full",
-            weights=str(cache / "blazepose_full.safetensors"),
-            detector="ssdlite_person",
-            detector_weights=str(cache / "ssdlite_person.safetensors"),
-            device=device,
-        )
-
-    engine = Engine(
-        factory,  # type: ignore[arg-type]
-        ["cpu"],
+    engine = cpu_pipeline_engine(
+        settings,
         EngineConfig(max_batch_size=4, max_delay_ms=2.0),
-        decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
+        model="blazepose_full",
+        weights=str(cache / "blazepose_full.safetensors"),
+        detector="ssdlite_person",
+        detector_weights=str(cache / "ssdlite_person.safetensors"),
     )
     with LiveServer(engine, lambda: [create_app(engine, settings)]) as server:
         yield server

@@ -26,12 +26,18 @@ import pytest
 from PIL import Image
 
 from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
-from service.engine import Engine, EngineConfig
-from service.images import decode_image
+from service.engine import EngineConfig
 from service.metrics import Metrics
 from service.rest import create_app
 from service.settings import Settings
-from tests.test_rest_support import LiveServer, finite_numbers, jpeg, png, promtool_check
+from tests.test_rest_support import (
+    LiveServer,
+    cpu_pipeline_engine,
+    finite_numbers,
+    jpeg,
+    png,
+    promtool_check,
+)
 
 KEY = "test-key-123"
 BOX = [8.0, 4.0, 40.0, 40.0]
@@ -40,25 +46,12 @@ NO_FLIP = {"flip_test": "false"}
 
 @pytest.fixture(scope="module")
 def live(distilpose_s_checkpoint: Path) -> Iterator[LiveServer]:
-    from model.pipeline import build_pipeline
-
     settings = Settings(max_body_bytes=1_000_000, max_boxes=4, max_images_per_request=4)
     metrics = Metrics()
-
-    def factory(device: str) -> object:
-        return build_pipeline(
-            model=None,
-            weights=str(distilpose_s_checkpoint),
-            detector=None,
-            detector_weights=None,
-            device=device,
-        )
-
-    engine = Engine(
-        factory,  # type: ignore[arg-type]
-        ["cpu"],
+    engine = cpu_pipeline_engine(
+        settings,
         EngineConfig(max_batch_size=8, max_delay_ms=2.0),
-        decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
+        weights=str(distilpose_s_checkpoint),
         observer=metrics,
     )
     keyed = settings.model_copy(update={"api_keys": [KEY]})

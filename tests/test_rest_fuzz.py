@@ -24,11 +24,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
 from schemathesis import GenerationMode
 
-from service.engine import Engine, EngineConfig
-from service.images import decode_image
+from service.engine import EngineConfig
 from service.rest import create_app
 from service.settings import Settings
-from tests.test_rest_support import LiveServer
+from tests.test_rest_support import LiveServer, cpu_pipeline_engine
 
 
 def _image(fmt: str, width: int, height: int) -> bytes:
@@ -59,24 +58,11 @@ def _with_real_image(body: Any, image: bytes) -> Any:
 
 @pytest.fixture(scope="module")
 def fuzz_server(distilpose_s_checkpoint: Path) -> Iterator[LiveServer]:
-    from model.pipeline import build_pipeline
-
     config = Settings(max_boxes=3, max_images_per_request=2, max_body_bytes=200_000)
-
-    def factory(device: str) -> object:
-        return build_pipeline(
-            model=None,
-            weights=str(distilpose_s_checkpoint),
-            detector=None,
-            detector_weights=None,
-            device=device,
-        )
-
-    engine = Engine(
-        factory,  # type: ignore[arg-type]
-        ["cpu"],
+    engine = cpu_pipeline_engine(
+        config,
         EngineConfig(max_batch_size=4, max_delay_ms=1.0),
-        decoder=lambda data: decode_image(data, max_pixels=config.max_image_pixels),
+        weights=str(distilpose_s_checkpoint),
     )
     with LiveServer(engine, lambda: [create_app(engine, config)]) as live:
         yield live

@@ -5,6 +5,8 @@ per app, each on a free localhost port, so tests talk real HTTP (sync ``httpx.Cl
 ``httpx.AsyncClient`` from the test's own loop) and can still drive the engine's lifecycle through
 ``call``. ``SlowPipeline`` is the fake: it answers one person per caller box (or one whole-image
 person) after an optional hold, for the tests about overload, cancellation, deadlines and drain.
+``cpu_pipeline_engine`` is the real thing: the real pipeline on the CPU, uploads decoded as the
+server decodes them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from PIL import Image
 
 from model.interfaces import BatchStats, ImageResult, Person, PipelineItem
 from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
-from service.engine import Engine
+from service.engine import Engine, EngineConfig, EngineObserver
+from service.images import decode_image
+from service.settings import Settings
 
 START_TIMEOUT_S = 60.0
 
@@ -192,6 +196,38 @@ class SlowPipeline:
             persons_per_image=[len(r.persons) for r in results],
         )
         return results, stats
+
+
+def cpu_pipeline_engine(
+    settings: Settings,
+    config: EngineConfig,
+    *,
+    weights: str,
+    model: str | None = None,
+    detector: str | None = None,
+    detector_weights: str | None = None,
+    observer: EngineObserver | None = None,
+) -> Engine:
+    """An engine over the real pipeline (``build_pipeline`` with these names and files) on the CPU,
+    decoding uploads with ``settings``' pixel limit."""
+    from model.pipeline import TopDownPipeline, build_pipeline
+
+    def factory(device: str) -> TopDownPipeline:
+        return build_pipeline(
+            model=model,
+            weights=weights,
+            detector=detector,
+            detector_weights=detector_weights,
+            device=device,
+        )
+
+    return Engine(
+        factory,
+        ["cpu"],
+        config,
+        decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
+        observer=observer,
+    )
 
 
 def png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
