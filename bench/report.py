@@ -1,0 +1,239 @@
+"""Markdown tables from result files, for BENCHMARKS.md.
+
+python -m bench.report bench/results/serve-cpu-*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def env_line(doc: dict[str, Any]) -> str:
+    """One line: device, versions, CPU, load, command."""
+    env = doc["env"]
+    return (
+        f"Device `{env['device']}` ({env['device_name']}), {env['cpu_count']} cores "
+        f"({env['cpu_model']}), torch {env['torch']}, torchvision {env['torchvision']}, "
+        f"driver {env.get('driver') or 'n/a'}, torch threads {env['torch_threads']}; load average "
+        f"{_f(env['loadavg_start'][0], 2)} at start, {_f(env['loadavg_end'][0], 2)} at end; "
+        f"{doc['created']}.\n\nCommand: `{env['command']}`"
+    )
+
+
+def model_tables(doc: dict[str, Any]) -> str:
+    """Crops/s (median ms) per batch size, one row per model x mode x precision x flip."""
+    rows = [r for r in doc["results"] if r.get("status") == "ok"]
+    batches = sorted({r["batch"] for r in rows})
+    groups: dict[tuple[str, str, str, bool], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        groups[(r["model"], r["mode"], r["precision"], r["flip"])][r["batch"]] = r
+    out = []
+    for key, by_batch in groups.items():
+        cells = []
+        for b in batches:
+            r = by_batch.get(b)
+            cells.append(f"{_f(r['crops_per_s'])} ({_f(r['median_ms'])})" if r else "-")
+        out.append([key[0], key[1], key[2], "on" if key[3] else "off", *cells])
+    header = ["model", "mode", "precision", "flip", *[f"B={b}" for b in batches]]
+    failed = [r for r in doc["results"] if r.get("status") != "ok"]
+    text = "crops/s (median ms per call):\n\n" + _table(header, out)
+    if failed:
+        text += "\n\nNot measured: " + "; ".join(
+            f"{r['model']} {r['mode']} {r['precision']} B={r['batch']}: {r['status']}"
+            for r in failed
+        )
+    return text
+
+
+def decode_tables(doc: dict[str, Any]) -> str:
+    """Images/s per decoder, device, workers and batch."""
+    rows = [
+        [
+            r["decoder"],
+            r["device"],
+            str(r["workers"]),
+            str(r["batch"]),
+            _f(r["images_per_s"]),
+            _f(r["ms_per_image"], 2),
+        ]
+        for r in doc["results"]
+        if "images_per_s" in r
+    ]
+    img = doc.get("image", {})
+    head = f"{img.get('width')}x{img.get('height')} JPEG, quality {img.get('quality')}:\n\n"
+    return head + _table(
+        ["decoder", "device", "threads", "images per round", "images/s", "ms/image"], rows
+    )
+
+
+def pipeline_tables(doc: dict[str, Any]) -> str:
+    """Caller-box table and detector table."""
+    cb = [r for r in doc["results"] if r["section"] == "caller_boxes"]
+    t1 = _table(
+        ["persons/image", "images/call", "flip", "median ms", "p95 ms", "images/s", "crops/s"],
+        [
+            [
+                str(r["persons_per_image"]),
+                str(r["images_per_call"]),
+                "on" if r["flip"] else "off",
+                _f(r["median_ms"]),
+                _f(r["p95_ms"]),
+                _f(r["images_per_s"], 2),
+                _f(r["crops_per_s"], 1),
+            ]
+            for r in cb
+        ],
+    )
+    det = [r for r in doc["results"] if r["section"] != "caller_boxes"]
+    rows = []
+    for r in det:
+        if r.get("status") != "ok":
+            rows.append([r["detector"], r["section"], str(r["images_per_call"]), "error", "-", "-"])
+            continue
+        counts = r.get("boxes_per_image") or r.get("persons_per_image") or []
+        mean = sum(counts) / len(counts) if counts else 0.0
+        rows.append(
+            [
+                r["detector"],
+                r["section"],
+                str(r["images_per_call"]),
+                _f(r["median_ms"]),
+                _f(r["images_per_s"], 2),
+                _f(mean),
+            ]
+        )
+    t2 = _table(
+        ["detector", "section", "images/call", "median ms", "images/s", "boxes or persons/image"],
+        rows,
+    )
+    skipped = doc.get("skipped") or []
+    text = "Caller boxes:\n\n" + t1 + "\n\nDetectors (random weights):\n\n" + t2
+    if skipped:
+        text += "\n\nSkipped: " + "; ".join(
+            f"{s.get('detector') or _caller_key(s)}: {s['reason']}" for s in skipped
+        )
+    return text
+
+
+def _caller_key(s: dict[str, Any]) -> str:
+    return f"{s.get('persons_per_image')} persons x {s.get('images_per_call')} images"
+
+
+def serve_tables(doc: dict[str, Any]) -> str:
+    """Per level table, then the engine-vs-naive comparison."""
+    rows = []
+    for r in doc["results"]:
+        res = r.get("resources", {})
+        server = res.get(r["server"], {})
+        rows.append(
+            [
+                str(r.get("round", 0)),
+                str(r["concurrency"]),
+                r["target"],
+                _f(r["throughput_rps"], 2),
+                _f(r["p50_ms"], 0),
+                _f(r["p95_ms"], 0),
+                _f(r["p99_ms"], 0),
+                str(r["ok"]),
+                str(r["refused"]),
+                str(r["errors"]),
+                _f(server.get("cpu_pct_mean"), 0),
+                _f(server.get("rss_mib_max"), 0),
+                _f(r["loadavg"][0], 2),
+            ]
+        )
+    t1 = _table(
+        [
+            "round",
+            "conc.",
+            "target",
+            "req/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "ok",
+            "refused",
+            "errors",
+            "server CPU %",
+            "server RSS MiB",
+            "load",
+        ],
+        rows,
+    )
+    comp = [
+        [
+            str(c["round"]),
+            str(c["concurrency"]),
+            c["target"],
+            _f(c["engine_rps"], 2),
+            _f(c["naive_rps"], 2),
+            _f(c["throughput_ratio"], 2) + "x",
+            _f(c["engine_p99_ms"], 0),
+            _f(c["naive_p50_ms"], 0),
+            _f(c["p99_over_naive_p50"], 2) + "x",
+        ]
+        for c in doc.get("comparisons", [])
+    ]
+    t2 = _table(
+        [
+            "round",
+            "conc.",
+            "engine target",
+            "engine req/s",
+            "naive req/s",
+            "ratio",
+            "engine p99 ms",
+            "naive p50 ms",
+            "p99 / naive p50",
+        ],
+        comp,
+    )
+    return "Per level:\n\n" + t1 + "\n\nEngine vs naive, side by side:\n\n" + t2
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "model": model_tables,
+    "decode": decode_tables,
+    "pipeline": pipeline_tables,
+    "serve": serve_tables,
+}
+
+
+def render(path: Path) -> str:
+    """Markdown for one result file."""
+    doc = json.loads(path.read_text())
+    body = RENDERERS[doc["part"]](doc)
+    return f"### {doc['part']}: `{path.name}`\n\n{env_line(doc)}\n\n{body}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m bench.report FILE...``."""
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    p.add_argument("files", type=Path, nargs="+")
+    args = p.parse_args(argv)
+    for path in args.files:
+        sys.stdout.write(render(path) + "\n")
+
+
+if __name__ == "__main__":
+    main()

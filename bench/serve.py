@@ -1,0 +1,290 @@
+"""End-to-end serving benchmark: a closed-loop load generator against the real service and, in the
+same run, against the naive baseline server (``bench.naive_server``).
+
+It starts ``python -m service serve`` (the ``pose-service serve`` command: DistilPose-S with random
+weights, no detector, caller boxes) and ``python -m bench.naive_server`` (same pipeline, batch 1, no
+engine) as subprocesses, then for every concurrency level sends real JPEGs (``bench/assets``) with
+1..4 caller boxes each over
+
+- ``engine-http``: HTTP ``POST /v1/pose`` (multipart: image + boxes), httpx async;
+- ``engine-grpc``: gRPC unary ``Estimate``;
+- ``engine-stream``: gRPC ``StreamEstimate``, ``ceil(C / window)`` streams of up to ``window``
+  frames in flight each (C frames in flight in all);
+- ``naive-http``: the naive server, same HTTP body as ``engine-http``;
+
+and reports throughput, p50/p95/p99 latency, refusals (HTTP 429 / RESOURCE_EXHAUSTED, apart from
+other errors), process RSS and CPU% (and GPU utilisation/memory on CUDA) sampled during each level,
+and per level the engine/naive throughput ratio and engine p99 / naive p50.
+
+    python -m bench.serve                                   # CPU: concurrency 1 4 16 64
+    python -m bench.serve --device cuda --concurrency 1 4 16 64 128 256 --duration-s 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    ResourceSampler,
+    add_common_args,
+    dump_json_line,
+    environment,
+    write_result,
+)
+from bench.loadgen import (
+    Payload,
+    Tally,
+    build_payloads,
+    grpc_stream_level,
+    grpc_unary_level,
+    http_level,
+    level_stats,
+)
+from bench.servers import Server, batching_stats, engine_server, naive_server, scrape_engine
+
+ALL_TARGETS = ["engine-http", "engine-grpc", "engine-stream", "naive-http"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--model", default="distilpose_s")
+    p.add_argument("--weights", default=None, help="weights file (default: random weights)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--targets", nargs="+", default=ALL_TARGETS, choices=ALL_TARGETS)
+    p.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per level")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=2.0,
+        help="unmeasured seconds per level; the warm-up also lasts until every client has had "
+        "one answer (steady state), at most --max-warmup-s",
+    )
+    p.add_argument("--max-warmup-s", type=float, default=120.0)
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole matrix")
+    p.add_argument("--persons-min", type=int, default=1)
+    p.add_argument("--persons-max", type=int, default=4)
+    p.add_argument("--no-flip-test", action="store_true", help="default: flip test on (both)")
+    p.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="both servers (CUDA)"
+    )
+    p.add_argument("--window", type=int, default=8, help="StreamEstimate frames in flight")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="per-request client timeout")
+    p.add_argument("--startup-timeout-s", type=float, default=600.0)
+    p.add_argument("--naive-mode", choices=["lock", "threads"], default="lock")
+    p.add_argument(
+        "--engine-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra POSE_* settings for the service, e.g. POSE_MAX_BATCH_SIZE=32",
+    )
+    p.add_argument(
+        "--server-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for both servers (e.g. allocator settings)",
+    )
+    p.add_argument(
+        "--malloc-tuning",
+        action="store_true",
+        help="both servers keep freed memory in the heap (glibc MALLOC_* settings, see "
+        "bench.common.MALLOC_TUNING)",
+    )
+    p.add_argument("--sample-interval-s", type=float, default=0.25)
+    p.add_argument("--keep-logs", action="store_true", help="keep the servers' log files")
+    p.add_argument(
+        "--no-server-warmup", action="store_true", help="skip the servers' warm-up (smoke runs)"
+    )
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+
+
+async def run_level(
+    target: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    payloads: list[Payload],
+    servers: dict[str, Server],
+    channel: Any,
+    sampler_pids: dict[str, int],
+) -> dict[str, Any]:
+    """Warm up, then measure one (target, concurrency) for ``duration_s``."""
+    tally = Tally()
+    stop = asyncio.Event()
+    if target == "naive-http":
+        url = f"http://127.0.0.1:{servers['naive'].http_port}/v1/pose"
+        load = http_level(url, payloads, concurrency, tally, stop, args.timeout_s)
+    elif target == "engine-http":
+        url = f"http://127.0.0.1:{servers['engine'].http_port}/v1/pose"
+        load = http_level(url, payloads, concurrency, tally, stop, args.timeout_s)
+    elif target == "engine-grpc":
+        load = grpc_unary_level(channel, payloads, concurrency, tally, stop, args.timeout_s)
+    else:
+        load = grpc_stream_level(
+            channel, payloads, concurrency, args.window, tally, stop, args.timeout_s
+        )
+    engine_port = servers["engine"].http_port if "engine" in servers else None
+    task = asyncio.create_task(load)
+    gpu = torch.device(args.device).type == "cuda"
+    t_warm = time.perf_counter()
+    await asyncio.sleep(args.warmup_s)
+    while tally.completed < concurrency and time.perf_counter() - t_warm < args.max_warmup_s:
+        await asyncio.sleep(0.05)
+    warmup_s = time.perf_counter() - t_warm
+    before = await scrape_engine(engine_port) if engine_port else {}
+    with ResourceSampler(sampler_pids, gpu=gpu, interval_s=args.sample_interval_s) as sampler:
+        tally.measuring = True
+        t0 = time.perf_counter()
+        await asyncio.sleep(args.duration_s)
+        tally.measuring = False
+        seconds = time.perf_counter() - t0
+    after = await scrape_engine(engine_port) if engine_port else {}
+    stop.set()
+    t_drain = time.perf_counter()
+    await task  # let in-flight requests finish, so the next target starts on an idle server
+    drain_s = time.perf_counter() - t_drain
+    row = {
+        "target": target,
+        "transport": "grpc-stream" if target == "engine-stream" else target.split("-")[1],
+        "server": target.split("-")[0],
+        "concurrency": concurrency,
+        "warmup_s": warmup_s,
+        **level_stats(tally, seconds),
+        "resources": sampler.summary(),
+        "loadavg": list(os.getloadavg()),
+        "drain_s": drain_s,
+    }
+    if target.startswith("engine") and before and after:
+        row["engine_batching"] = batching_stats(before, after)
+    if target == "engine-stream":
+        row["streams"] = math.ceil(concurrency / args.window)
+        row["window"] = min(args.window, concurrency)
+    return row
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round and concurrency: each engine target against naive-http measured beside it."""
+    out = []
+    naive = {(r["round"], r["concurrency"]): r for r in rows if r["target"] == "naive-http"}
+    for r in rows:
+        base = naive.get((r["round"], r["concurrency"]))
+        if r["server"] != "engine" or base is None:
+            continue
+        out.append(
+            {
+                "round": r["round"],
+                "concurrency": r["concurrency"],
+                "target": r["target"],
+                "engine_rps": r["throughput_rps"],
+                "naive_rps": base["throughput_rps"],
+                "throughput_ratio": (
+                    r["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
+                ),
+                "engine_p99_ms": r["p99_ms"],
+                "naive_p50_ms": base["p50_ms"],
+                "p99_over_naive_p50": r["p99_ms"] / base["p50_ms"] if base["p50_ms"] else None,
+            }
+        )
+    return out
+
+
+async def run_async(args: argparse.Namespace) -> Path:
+    """Start both servers, run the matrix, stop the servers, write the JSON."""
+    import grpc
+
+    env = environment(args.device)
+    payloads = build_payloads(args)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    servers: dict[str, Server] = {}
+    need_engine = any(t.startswith("engine") for t in args.targets)
+    if need_engine:
+        servers["engine"] = engine_server(args, log_dir)
+    if "naive-http" in args.targets:
+        servers["naive"] = naive_server(args, log_dir)
+    rows: list[dict[str, Any]] = []
+    startup: dict[str, float] = {}
+    channel = None
+    try:
+        for s in servers.values():
+            s.start()
+        waits = await asyncio.gather(
+            *(s.wait_ready(args.startup_timeout_s) for s in servers.values())
+        )
+        startup = dict(zip(servers, waits, strict=True))
+        dump_json_line({"ready_s": startup})
+        if need_engine:
+            options = [
+                ("grpc.max_send_message_length", 64 * 2**20),
+                ("grpc.max_receive_message_length", 64 * 2**20),
+            ]
+            channel = grpc.aio.insecure_channel(
+                f"127.0.0.1:{servers['engine'].grpc_port}", options=options
+            )
+        pids = {name: s.proc.pid for name, s in servers.items() if s.proc is not None}
+        pids["loadgen"] = os.getpid()
+        for rnd in range(args.rounds):
+            for concurrency in args.concurrency:
+                for target in args.targets:
+                    row = await run_level(
+                        target, concurrency, args, payloads, servers, channel, pids
+                    )
+                    row["round"] = rnd
+                    rows.append(row)
+                    dump_json_line({k: v for k, v in row.items() if k != "resources"})
+    finally:
+        if channel is not None:
+            await channel.close()
+        for s in servers.values():
+            s.stop()
+    path = write_result(
+        "serve",
+        args.device,
+        args,
+        rows,
+        out_dir=args.out_dir,
+        env=env,
+        extra={
+            "comparisons": comparisons(rows),
+            "startup_s": startup,
+            "servers": {
+                name: {"command": " ".join(s.command), "env": s.env_overrides}
+                for name, s in servers.items()
+            },
+            "payloads": {
+                "count": len(payloads),
+                "persons": [len(p.boxes) for p in payloads],
+                "jpeg_bytes": [len(p.jpeg) for p in payloads],
+            },
+            "logs": str(log_dir) if args.keep_logs else None,
+        },
+    )
+    if not args.keep_logs:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m bench.serve``."""
+    args = parse_args(argv)
+    path = asyncio.run(run_async(args))
+    dump_json_line({"written": str(path)})
+
+
+if __name__ == "__main__":
+    main()

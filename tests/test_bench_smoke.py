@@ -1,0 +1,149 @@
+"""Smoke runs of every benchmark script on the CPU with tiny settings, so the harness cannot rot.
+
+Nothing here asserts on timing: each script must run end to end and write a well-formed result
+file (schema, environment, command line, one row per configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import decode, model, pipeline, report, serve
+from bench.common import percentile, person_boxes, summarize_ms, synthetic_jpeg
+
+# Tiny settings: one or two configurations each, one timed repeat, sub-second serving levels.
+MODEL_FLAGS = (
+    "--models distilpose_s --batch-sizes 1 2 --flip both --precisions fp32 bf16 "
+    "--warmup 0 --repeats 1"
+)
+DECODE_FLAGS = "--images 2 --width 64 --height 48 --workers 1 2 --repeats 1 --warmup 0"
+PIPELINE_FLAGS = (
+    "--persons 1 2 --images-per-call 1 --flip on --detectors "
+    "ssdlite320_mobilenet_v3_large --detector-images-per-call 1 --width 96 --height "
+    "72 --reallike-persons 2 --warmup 0 --repeats 1 --min-repeats 1"
+)
+SERVE_FLAGS = (
+    "--concurrency 2 --duration-s 0.6 --warmup-s 0.3 --persons-max 2 --window 2 --no-server-warmup"
+)
+
+
+def _argv(out_dir: Path, flags: str) -> list[str]:
+    return [*flags.split(), "--out-dir", str(out_dir)]
+
+
+def _load_one(out_dir: Path, part: str) -> dict[str, Any]:
+    files = sorted(out_dir.glob(f"{part}-cpu-*.json"))
+    assert len(files) == 1, files
+    doc = json.loads(files[0].read_text())
+    assert doc["schema"] == 1
+    assert doc["part"] == part
+    env = doc["env"]
+    for key in ("device", "torch", "torchvision", "cpu_model", "cpu_count", "command"):
+        assert env[key] not in (None, ""), key
+    assert env["device"] == "cpu"
+    assert isinstance(doc["results"], list) and doc["results"]
+    _assert_finite(doc)
+    assert report.render(files[0]).startswith(f"### {part}")
+    return doc
+
+
+def _assert_finite(value: Any) -> None:
+    if isinstance(value, float):
+        assert math.isfinite(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _assert_finite(v)
+    elif isinstance(value, list):
+        for v in value:
+            _assert_finite(v)
+
+
+def test_statistics_helpers() -> None:
+    assert percentile([], 50) == 0.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    stats = summarize_ms([0.001, 0.002, 0.003])
+    assert stats["median_ms"] == pytest.approx(2.0) and stats["n"] == 3
+    boxes = person_boxes(640, 480, 4, seed=0, anchor=(10.0, 20.0, 100.0, 200.0))
+    assert boxes.shape == (4, 5)
+    assert boxes[0, :4].tolist() == pytest.approx([10.0, 20.0, 100.0, 200.0])
+    assert bool((boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 640).all())
+    assert synthetic_jpeg(32, 24, seed=1)[:2] == b"\xff\xd8"
+
+
+def test_engine_vs_naive_comparison_pairs_rows() -> None:
+    rows = [
+        {
+            "round": 0,
+            "concurrency": 4,
+            "target": "naive-http",
+            "server": "naive",
+            "throughput_rps": 10.0,
+            "p50_ms": 100.0,
+            "p99_ms": 300.0,
+        },
+        {
+            "round": 0,
+            "concurrency": 4,
+            "target": "engine-http",
+            "server": "engine",
+            "throughput_rps": 25.0,
+            "p50_ms": 80.0,
+            "p99_ms": 150.0,
+        },
+    ]
+    (comp,) = serve.comparisons(rows)
+    assert comp["throughput_ratio"] == pytest.approx(2.5)
+    assert comp["p99_over_naive_p50"] == pytest.approx(1.5)
+
+
+def test_model_bench_smoke(tmp_path: Path) -> None:
+    args = model.parse_args(_argv(tmp_path, MODEL_FLAGS))
+    model.run(args)
+    doc = _load_one(tmp_path, "model")
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert {(r["batch"], r["flip"]) for r in ok} == {(1, False), (2, False), (1, True), (2, True)}
+    assert all(r["crops_per_s"] > 0 and r["forward_batch"] >= r["batch"] for r in ok)
+    assert doc["skipped"] and doc["skipped"][0]["precision"] == "bf16"  # CPU runs fp32 only
+
+
+def test_decode_bench_smoke(tmp_path: Path) -> None:
+    args = decode.parse_args(_argv(tmp_path, DECODE_FLAGS))
+    decode.run(args)
+    doc = _load_one(tmp_path, "decode")
+    decoders = {r["decoder"] for r in doc["results"]}
+    assert {"pil", "torchvision_cpu"} <= decoders
+    assert all(r["images_per_s"] > 0 for r in doc["results"])
+
+
+def test_pipeline_bench_smoke(tmp_path: Path) -> None:
+    args = pipeline.parse_args(_argv(tmp_path, PIPELINE_FLAGS))
+    pipeline.run(args)
+    doc = _load_one(tmp_path, "pipeline")
+    sections = {r["section"] for r in doc["results"]}
+    assert "caller_boxes" in sections
+    cb = [r for r in doc["results"] if r["section"] == "caller_boxes"]
+    assert len(cb) == 2 and all(r["images_per_s"] > 0 for r in cb)
+    assert not doc["skipped"], doc["skipped"]
+    assert {"detector_only", "detector_pipeline_raw", "detector_pipeline_reallike"} <= sections
+
+
+async def test_serve_bench_smoke(tmp_path: Path) -> None:
+    args = serve.parse_args(_argv(tmp_path, SERVE_FLAGS))
+    await serve.run_async(args)
+    doc = _load_one(tmp_path, "serve")
+    targets = {r["target"] for r in doc["results"]}
+    assert targets == set(serve.ALL_TARGETS)
+    for row in doc["results"]:
+        assert row["errors"] == 0, row["error_samples"]
+        assert row["ok"] + row["refused"] >= 0
+        assert "engine" in row["resources"] and "naive" in row["resources"]
+    assert {c["target"] for c in doc["comparisons"]} == {
+        "engine-http",
+        "engine-grpc",
+        "engine-stream",
+    }
