@@ -1,4 +1,4 @@
-"""Record outputs of the ORIGINAL runtimes for tests/test_reference.py (run once, by hand).
+"""Record outputs of the ORIGINAL runtimes for tests/model/test_reference.py (run once, by hand).
 
 Not a test and not part of the service: it needs TensorFlow and LiteRT, which the project never
 installs. See README.md in this folder for the exact environment and command.

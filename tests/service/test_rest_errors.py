@@ -19,7 +19,7 @@ from service.images import decode_image
 from service.metrics import Metrics
 from service.rest import create_app
 from service.settings import Settings
-from tests.test_rest_support import (
+from tests.service.rest_support import (
     LiveServer,
     SlowPipeline,
     client,

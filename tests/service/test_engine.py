@@ -1,6 +1,6 @@
 """The engine's batching and admission, against a fake pipeline: coalescing, the delay flush,
 queue-full refusal, decoding off the loop, one pipeline per device, observer hooks and timings.
-(Fakes and fixtures: ``tests/test_engine_fakes.py``.)
+(Fakes and fixtures: ``tests/service/engine_fakes.py``.)
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from service.engine import (
     QueueFullError,
 )
 from service.images import ImageError
-
-# loop_errors_fixture and make_engine_fixture register the fixtures of those names.
-from tests.test_engine_fakes import (  # noqa: F401
+from tests.service.engine_fakes import (
     WAIT_S,
     FakeDecoder,
     MakeEngine,
@@ -30,8 +28,6 @@ from tests.test_engine_fakes import (  # noqa: F401
     RecordingObserver,
     answered_id,
     image_for,
-    loop_errors_fixture,
-    make_engine_fixture,
     running_first,
     submit,
     wait_until,

@@ -27,7 +27,7 @@ from schemathesis import GenerationMode
 from service.engine import EngineConfig
 from service.rest import create_app
 from service.settings import Settings
-from tests.test_rest_support import LiveServer, cpu_pipeline_engine
+from tests.service.rest_support import LiveServer, cpu_pipeline_engine
 
 
 def _image(fmt: str, width: int, height: int) -> bytes:

@@ -25,10 +25,10 @@ from model.reference import default_cache_dir, reference_models_available
 from service.engine import EngineConfig
 from service.rest import create_app
 from service.settings import Settings
-from tests.test_reference import coco_oks
-from tests.test_rest_support import LiveServer, cpu_pipeline_engine
+from tests.model.test_reference import coco_oks
+from tests.service.rest_support import LiveServer, cpu_pipeline_engine
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 OKS_WITH_BOX = 0.85  # measured 0.904
 OKS_WITH_DETECTOR = 0.86  # measured 0.915
 

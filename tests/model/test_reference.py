@@ -33,7 +33,7 @@ from model.reference import (
 )
 from model.ssdlite import SSDLitePersonDetector
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]
 OUTPUTS = HERE / "reference_outputs"
 ASSETS = HERE / "assets"
 XY_ATOL_PX = 2e-3  # landmark / box coordinates, pixels

@@ -10,7 +10,7 @@ the CPU decoder's verdict on a file refused alone. The ``cuda`` tests run the re
 Decoder difference: torchvision's libjpeg-turbo (3.1.3 in torchvision 0.29.1) and Pillow's (3.2.0
 in Pillow 13.0) decode every file here bit for bit alike (max abs difference 0,
 ``CPU_MAX_ABS_DIFF``), so the real pipeline's answers through the forced route equal batch-1
-answers on ``decode_image``'s tensors to the batching tolerance of ``tests/test_engine_real.py``
+answers on ``decode_image``'s tensors to the batching tolerance of ``test_engine_real.py``
 (1e-3 px, 1e-4 score). nvJPEG decodes differently (its IDCT and chroma upsampling): torchvision's
 own test bounds its mean absolute difference to libjpeg-turbo by 2 levels, and the cuda tests use
 that bound (not yet run on a GPU).
@@ -44,14 +44,14 @@ from service.images import (
 )
 from service.settings import Settings
 from service.workers import plan_decoding
-from tests.test_engine_real import assert_same
+from tests.service.test_engine_real import assert_same
 
 pytestmark = pytest.mark.filterwarnings(
     # torchvision 0.29 deprecates torchvision.io's decoders (for TorchCodec); 0.26 does not.
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
 )
 
-ASSET = Path(__file__).parent / "assets" / "000000000785.jpg"  # COCO val2017 785, 640x425
+ASSET = Path(__file__).parents[1] / "assets" / "000000000785.jpg"  # COCO val2017 785, 640x425
 MAX_PIXELS = 10_000_000
 CPU_MAX_ABS_DIFF = 0  # torchvision's libjpeg-turbo vs Pillow's, measured on every file below
 CUDA_MAX_MEAN_ABS_DIFF = 2.0  # nvJPEG vs libjpeg-turbo: torchvision's test_decode_jpegs_cuda bound

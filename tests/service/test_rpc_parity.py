@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service.pb.pose.v1 import pose_pb2
-from tests.test_rpc_harness import serving
+from tests.service.rpc_harness import serving
 
 pipeline_module = pytest.importorskip("model.pipeline")
 

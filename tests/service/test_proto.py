@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ("pose_pb2.py", "pose_pb2.pyi", "pose_pb2_grpc.py")
 REGENERATE = (
     "python -m grpc_tools.protoc -Iservice/pb=proto --python_out=. --pyi_out=. "

@@ -43,7 +43,7 @@ from model.graphdef import convert_subgraph, parse_graphdef
 from model.ssdlite import SSDLite, SSDLitePersonDetector, anchor_corners, decode_boxes, ssd_anchors
 from tests.reference_outputs.record import refine_scalar
 
-OUTPUTS = Path(__file__).parent / "reference_outputs" / "outputs.npz"
+OUTPUTS = Path(__file__).parents[1] / "reference_outputs" / "outputs.npz"
 
 # ---------------------------------------------------------------- a tiny protobuf (wire) writer
 

@@ -20,7 +20,7 @@ import torch
 from model import crops
 from model.keypoints import COCO_KEYPOINT_NAMES, flip_indices
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).parents[1] / "golden"
 INPUT_SIZE = (192, 256)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -33,11 +33,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.test_reference_http import reference_service
-from tests.test_rest_support import LiveServer
+from tests.service.rest_support import LiveServer
+from tests.service.test_reference_http import reference_service
 
 SHARED_DATA_ENV = "DISTILPOSE_SHARED_DATA"
-DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SAMPLES = "coco_val2017_samples"
 ANNOTATIONS = "test_coco.json"
 ANNOTATED_PERSONS = 12

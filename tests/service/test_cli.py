@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import service.__main__ as cli
 from service.settings import Settings, UnknownSettingError
-from tests.test_rest_support import SlowPipeline, png, wait_until
+from tests.service.rest_support import SlowPipeline, png, wait_until
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ import pytest
 
 from service.engine import Engine
 from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
-from tests.test_rpc import wait_until
-from tests.test_rpc_harness import FakePipeline, png_bytes, serving
+from tests.service.rpc_harness import FakePipeline, png_bytes, serving
+from tests.service.test_rpc import wait_until
 
 
 class InferSpy:

@@ -1,6 +1,6 @@
 """The engine's outcomes and lifecycle, against a fake pipeline: cancellation, deadlines, failing
 batches, CUDA OOM split-and-retry, start-up readiness, drain on stop, and one outcome per job under
-churn. (Fakes and fixtures: ``tests/test_engine_fakes.py``.)
+churn. (Fakes and fixtures: ``tests/service/engine_fakes.py``.)
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from service.engine import (
     PoseResponse,
     QueueFullError,
 )
-
-# loop_errors_fixture and make_engine_fixture register the fixtures of those names.
-from tests.test_engine_fakes import (  # noqa: F401
+from tests.service.engine_fakes import (
     WAIT_S,
     FakeDecoder,
     FakePipeline,
@@ -36,8 +34,6 @@ from tests.test_engine_fakes import (  # noqa: F401
     RecordingObserver,
     answered_id,
     image_for,
-    loop_errors_fixture,
-    make_engine_fixture,
     running_first,
     submit,
     wait_until,

@@ -1,4 +1,5 @@
-"""Fakes and fixtures for the engine tests (``tests/test_engine.py``, ``test_engine_lifecycle.py``).
+"""Fakes and fixtures for the engine tests (``test_engine.py``, ``test_engine_lifecycle.py``; the
+fixtures are registered in ``tests/service/conftest.py``).
 
 Synchronisation is by events: the fake pipeline blocks on ``Recorder.gate`` and records every batch
 it was handed (``Recorder.attempts``), so that "queued", "running" and "never ran" are facts, not

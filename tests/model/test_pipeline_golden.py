@@ -24,7 +24,7 @@ from model.interfaces import PipelineItem, PoseOptions
 from model.keypoints import flip_indices
 from model.pipeline import TopDownPipeline, build_pipeline
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]
 XY_TOL_PX = 2e-3
 SCORE_TOL = 3e-5
 

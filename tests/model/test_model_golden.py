@@ -30,7 +30,7 @@ import torch
 from model import DistilPose, create_model
 from tests.recipe import sha256_sorted_concat
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_DIR = Path(__file__).parents[1] / "golden"
 GOLDEN_FILES = {"distilpose_s": "golden_S.pt", "distilpose_l": "golden_L.pt"}
 ABS_TOL = {"pred": 1e-5, "score": 3e-5, "sigma": 3e-5, "kpt_token": 1e-4}
 VIS_TOL = {"distilpose_s": ("abs", 1e-4), "distilpose_l": ("rel", 5e-5)}

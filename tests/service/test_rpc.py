@@ -1,7 +1,7 @@
 """gRPC unary calls, status codes, health, reflection and API keys against a real localhost server.
 
-The pipeline is ``tests.test_rpc_harness.FakePipeline`` behind the real ``Engine``; the equality
-with the HTTP answers on the real DistilPose pipeline is in ``tests/test_rpc_parity.py``.
+The pipeline is ``tests.service.rpc_harness.FakePipeline`` behind the real ``Engine``; the equality
+with the HTTP answers on the real DistilPose pipeline is in ``tests/service/test_rpc_parity.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from service.metrics import Metrics
 from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
 from service.rpc import create_grpc_server
-from tests.test_rpc_harness import FakePipeline, engine_for, png_bytes, serving, settings_for
+from tests.service.rpc_harness import FakePipeline, engine_for, png_bytes, serving, settings_for
 
 SERVICE = "pose.v1.PoseService"
 

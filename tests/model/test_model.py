@@ -20,7 +20,7 @@ from model.distilpose import checkpoint_filter_fn, is_teacher_key, sine_position
 from model.interfaces import PoseModel, PoseOutput
 from model.weights import KNOWN_WEIGHTS, expected_state_dict
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_DIR = Path(__file__).parents[1] / "golden"
 KEY_FILES = {"distilpose_s": "keys_S.txt", "distilpose_l": "keys_L.txt"}
 POS_EMBEDDING_SUM = 24186.456709835235  # tests/golden/README.md, section 2.1
 
@@ -175,4 +175,4 @@ def test_importing_model_loads_no_serving_stack() -> None:
         "bad = [m for m in serving if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -24,7 +24,7 @@ from service.client import (
     connect,
 )
 from service.client_media import is_video, short_floats, split_mjpeg, video_frames
-from tests.test_rpc_harness import png_bytes, serving
+from tests.service.rpc_harness import png_bytes, serving
 
 
 def jpeg_bytes(width: int, height: int, value: int, exif_thumbnail: bool = False) -> bytes:

@@ -32,7 +32,7 @@ from kubernetes_validate.utils import all_versions
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "pose-service"
 RELEASE = "pose-service"
 NAMESPACE = "vision"

@@ -11,7 +11,7 @@ import torch
 
 from model.interfaces import BatchStats
 from service.metrics import Metrics
-from tests.test_rest_support import promtool_check
+from tests.service.rest_support import promtool_check
 
 NAMES = (
     "pose_requests_total",

@@ -30,7 +30,7 @@ from service.engine import EngineConfig
 from service.metrics import Metrics
 from service.rest import create_app
 from service.settings import Settings
-from tests.test_rest_support import (
+from tests.service.rest_support import (
     LiveServer,
     cpu_pipeline_engine,
     finite_numbers,
