@@ -67,7 +67,7 @@ def tv_decode(data: bytes) -> torch.Tensor:
 def service_decoder() -> Callable[[bytes], torch.Tensor] | None:
     """The service's upload decoder (sniffing, pixel limit, EXIF, mode conversion), if present."""
     try:
-        from service.images import decode_image
+        from service.uploads import decode_image
     except ImportError:
         return None
     return functools.partial(decode_image, max_pixels=40_000_000)

@@ -5,7 +5,14 @@ Sweeps batch size x precision (fp32; bf16 / fp16 autocast on CUDA only) x execut
 on: one forward of 2B crops, the crops and their mirror images, as the pipeline's flip test does).
 Weights are random: the cost of a forward does not depend on the values.
 
+``--backends torch openvino onnxruntime`` times the exported graph (``model.backends``: the pose
+model's ``predict``, as the pipeline calls it) beside PyTorch eager, interleaved per batch size so
+that load drifts hit every backend alike, and reports each backend's crops/s with its ratio to
+PyTorch from the same run (``backend_comparison``). OpenVINO also runs bf16 where the CPU has it.
+
     python -m bench.model                          # CPU sweep (batch 1..64), eager
+    python -m bench.model --models distilpose_s --flip off --batch-sizes 1 8 32 \
+        --backends torch openvino onnxruntime --precisions fp32 bf16
     python -m bench.model --device cuda --compile both --cuda-graphs
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +42,7 @@ from bench.common import (
 CPU_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 CUDA_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ONNX_BACKENDS = ("openvino", "onnxruntime")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-batch-l", type=int, default=None, help="cap the sweep for distilpose_l")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["torch", *ONNX_BACKENDS],
+        default=["torch"],
+        help="CPU: also time the exported graph under these (see the module docstring)",
+    )
     p.add_argument("--flip", choices=["off", "on", "both"], default="both")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode")
@@ -194,6 +210,80 @@ def measure_one(
     return row
 
 
+def measure_interleaved(
+    nets: dict[str, Any],
+    *,
+    model_name: str,
+    batch: int,
+    precision: str,
+    flip: bool,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Time several backends on the same input, round-robin (one call each per round), so that
+    a change of machine load during the run hits them alike; eager mode. One row per backend."""
+    first = next(iter(nets.values()))
+    w, h = first.info.input_size
+    x = torch.randn(batch, 3, h, w, device=device)  # (B, 3, H, W) normalised crops
+    calls: dict[str, Callable[[], Any]] = {}
+    for backend, net in nets.items():
+        fwd = _forward_fn(net, flip)
+        cast = precision if backend == "torch" else "fp32"  # a backend's variant is its precision
+
+        def call(fwd: Callable[[torch.Tensor], Any] = fwd, cast: str = cast) -> Any:
+            with _autocast(device, cast):
+                return fwd(x)
+
+        calls[backend] = call
+    samples: dict[str, list[float]] = {backend: [] for backend in calls}
+    errors: dict[str, str] = {}
+    for _ in range(args.warmup):
+        for call in calls.values():
+            call()
+    synchronize(device)
+    spent = 0.0
+    for i in range(args.repeats):
+        for backend, call in calls.items():
+            if backend in errors:
+                continue
+            try:
+                t0 = time.perf_counter()
+                call()
+                synchronize(device)
+                dt_s = time.perf_counter() - t0
+            except Exception as exc:  # an OOM is a result, not a crash
+                errors[backend] = f"{type(exc).__name__}: {exc}"[:500]
+                continue
+            samples[backend].append(dt_s)
+            spent += dt_s
+        if spent >= args.max_seconds * len(calls) and i + 1 >= args.min_repeats:
+            break
+    rows = []
+    for backend in calls:
+        row: dict[str, Any] = {
+            "model": model_name,
+            "batch": batch,
+            "forward_batch": 2 * batch if flip else batch,
+            "precision": precision,
+            "mode": "eager",
+            "flip": flip,
+            "backend": backend,
+            "interleaved": list(calls),
+        }
+        if backend in errors:
+            row["status"] = "oom" if "out of memory" in errors[backend].lower() else "error"
+            row["error"] = errors[backend]
+        else:
+            stats = summarize_ms(samples[backend])
+            row.update(stats, status="ok", compile_s=None)
+            row["crops_per_s"] = (
+                batch / (stats["median_ms"] / 1000.0) if stats["median_ms"] else 0.0
+            )
+            row["ms_per_crop"] = stats["median_ms"] / batch
+        rows.append(row)
+    return rows
+
+
 def _configs(
     args: argparse.Namespace, device: torch.device, model_name: str
 ) -> Iterator[tuple[str, str, bool, int]]:
@@ -213,6 +303,69 @@ def _configs(
                     yield precision, mode, flip, batch
 
 
+class _Exported:
+    """A backend pose model as the timing loop calls it: ``net(x)`` is one ``predict``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.info = model.info
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.model.predict(x)
+
+
+def _backend_nets(
+    net: Any, model_name: str, backends: list[str], folder: Path
+) -> dict[tuple[str, str], Any]:
+    """(backend, precision) -> what to time: PyTorch's module, or the exported graph compiled
+    (OpenVINO: f32, and bf16 where the CPU has it)."""
+    from model.backends import wrap_pose_model
+    from model.export import export_onnx
+
+    nets: dict[tuple[str, str], Any] = {}
+    path = folder / f"{model_name}.onnx"
+    for backend in backends:
+        if backend == "torch":
+            nets[("torch", "fp32")] = net
+            continue
+        if not path.exists():
+            export_onnx(net, model_name, path, check=False)  # random weights: see model.export
+        wrapped = wrap_pose_model(net, backend, path)
+        for precision, variant in wrapped.variants.items():
+            nets[(backend, precision)] = _Exported(variant)
+    return nets
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each backend's crops/s beside PyTorch eager fp32's at the same model, batch and flip."""
+    torch_rows = {
+        (r["model"], r["batch"], r["flip"]): r["crops_per_s"]
+        for r in results
+        if r["status"] == "ok"
+        and r["backend"] == "torch"
+        and r["mode"] == "eager"
+        and r["precision"] == "fp32"
+    }
+    out = []
+    for r in results:
+        base = torch_rows.get((r["model"], r["batch"], r["flip"]))
+        if r["status"] != "ok" or r["backend"] == "torch" or not base:
+            continue
+        out.append(
+            {
+                "model": r["model"],
+                "batch": r["batch"],
+                "flip": r["flip"],
+                "backend": r["backend"],
+                "precision": r["precision"],
+                "crops_per_s": r["crops_per_s"],
+                "torch_crops_per_s": base,
+                "vs_torch": r["crops_per_s"] / base,
+            }
+        )
+    return out
+
+
 def run(args: argparse.Namespace) -> Path:
     """Run the sweep and write the JSON result file; returns its path."""
     from model import create_model
@@ -224,50 +377,75 @@ def run(args: argparse.Namespace) -> Path:
         torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     env = environment(args.device)
+    backends = [b for b in args.backends if b == "torch" or device.type == "cpu"]
+    for name in ONNX_BACKENDS:
+        if name in backends:
+            env[name] = _package_version(name)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for precision in args.precisions:
         if precision != "fp32" and device.type != "cuda":
-            skipped.append({"precision": precision, "reason": "CPU runs fp32 (service contract)"})
-    args_cpu = argparse.Namespace(**vars(args))
-    if device.type != "cuda":
-        args_cpu.precisions = ["fp32"]
+            skipped.append(
+                {"precision": precision, "reason": "torch on CPU runs fp32 (service contract)"}
+            )
     for model_name in args.models:
         net = create_model(model_name, weights=None, device=str(device))
         net.eval()
         oom_at: dict[tuple[str, str, bool], int] = {}
-        with torch.inference_mode():
-            for precision, mode, flip, batch in _configs(args_cpu, device, model_name):
-                key = (precision, mode, flip)
-                if key in oom_at and batch > oom_at[key]:
-                    skipped.append(
-                        {
-                            "model": model_name,
-                            "batch": batch,
-                            "precision": precision,
-                            "mode": mode,
-                            "flip": flip,
-                            "reason": f"oom at batch {oom_at[key]}",
-                        }
-                    )
-                    continue
-                row = measure_one(
-                    net,
-                    model_name=model_name,
-                    batch=batch,
-                    precision=precision,
-                    mode=mode,
-                    flip=flip,
-                    device=device,
-                    args=args,
-                )
-                if row["status"] == "oom":
-                    oom_at[key] = batch
-                results.append(row)
-                dump_json_line(row)
+        with tempfile.TemporaryDirectory(prefix="bench-onnx-") as folder:
+            nets = _backend_nets(net, model_name, backends, Path(folder))
+            with torch.inference_mode():
+                for precision, mode, flip, batch in _configs(args, device, model_name):
+                    timed: dict[str, Any] = {}
+                    for backend in backends:
+                        if backend == "torch" and (device.type == "cuda" or precision == "fp32"):
+                            timed[backend] = net
+                        elif (
+                            backend != "torch" and mode == "eager" and (backend, precision) in nets
+                        ):
+                            timed[backend] = nets[(backend, precision)]
+                    key = (precision, mode, flip)
+                    if "torch" in timed and key in oom_at and batch > oom_at[key]:
+                        del timed["torch"]
+                        skipped.append(
+                            {
+                                "model": model_name,
+                                "batch": batch,
+                                "precision": precision,
+                                "mode": mode,
+                                "flip": flip,
+                                "reason": f"oom at batch {oom_at[key]}",
+                            }
+                        )
+                    config = {"model_name": model_name, "batch": batch, "flip": flip}
+                    if len(timed) > 1:
+                        rows = measure_interleaved(
+                            timed, precision=precision, device=device, args=args, **config
+                        )
+                    else:
+                        rows = [
+                            measure_one(
+                                timed[b],
+                                precision=precision if b == "torch" else "fp32",
+                                mode=mode,
+                                device=device,
+                                args=args,
+                                **config,
+                            )
+                            | {"backend": b, "precision": precision}
+                            for b in timed
+                        ]
+                    for row in rows:
+                        if row["status"] == "oom" and row["backend"] == "torch":
+                            oom_at[key] = batch
+                        results.append(row)
+                        dump_json_line(row)
         del net
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    comparison = comparisons(results)
+    for line in comparison:
+        dump_json_line(line)
     return write_result(
         "model",
         args.device,
@@ -275,8 +453,18 @@ def run(args: argparse.Namespace) -> Path:
         results,
         out_dir=args.out_dir,
         env=env,
-        extra={"skipped": skipped, "weights": "random (cost does not depend on values)"},
+        extra={
+            "skipped": skipped,
+            "weights": "random (cost does not depend on values)",
+            "backend_comparison": comparison,
+        },
     )
+
+
+def _package_version(name: str) -> str:
+    import importlib
+
+    return str(importlib.import_module(name).__version__)
 
 
 def main(argv: list[str] | None = None) -> None:

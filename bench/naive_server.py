@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from bench.common import apply_threads
-from model.interfaces import ImageResult, PipelineItem, PoseOptions, Precision
+from model.interfaces import ImageResult, ModelDescription, PipelineItem, PoseOptions, Precision
 
 MAX_PIXELS = 40_000_000
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _decoder() -> Callable[[bytes], torch.Tensor]:
     """The service's upload decoder when present (same work as the engine), else torchvision's."""
     try:
-        from service.images import decode_image
+        from service.uploads import decode_image
 
         return lambda data: decode_image(data, max_pixels=MAX_PIXELS)
     except ImportError:
@@ -76,7 +76,7 @@ def _boxes(value: Any) -> torch.Tensor | None:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def result_json(result: ImageResult, describe: dict[str, Any]) -> dict[str, Any]:
+def result_json(result: ImageResult, describe: ModelDescription) -> dict[str, Any]:
     """The service-like response body for one image."""
     return {
         "persons": [
@@ -89,7 +89,7 @@ def result_json(result: ImageResult, describe: dict[str, Any]) -> dict[str, Any]
             for p in result.persons
         ],
         "image": {"width": result.width, "height": result.height},
-        "model": {"name": describe.get("model"), "device": describe.get("device")},
+        "model": {"name": describe.model, "device": describe.device},
     }
 
 

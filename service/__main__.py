@@ -17,7 +17,8 @@ Which model is served (always logged, and shown by ``GET /v1/models``):
 - ``--model distilpose_s|distilpose_l`` without weights: random weights, only with
   ``--allow-random-weights`` (smoke runs; the poses are meaningless).
 
-``pose-service models fetch`` downloads and converts the reference models into ``cache_dir``.
+``pose-service models fetch`` downloads and converts the reference models into ``cache_dir``;
+``pose-service export`` writes one model as checked ONNX (``model.export``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
+import difflib
 import logging
+import os
 import signal
+import socket
 import sys
 import types
 import typing
@@ -41,20 +44,21 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from model.catalogue import CATALOGUE, DEFAULT_DETECTOR, DEFAULT_POSE_MODEL, names, spec_of
+from model.pipeline import build_pipeline
 from service.engine import Engine, EngineConfig, Pipeline
-from service.images import decode_image, probe_image
+from service.gpu_decode import probe_image
 from service.metrics import Metrics
 from service.rest import create_app
 from service.rest_middleware import JsonLogFormatter
 from service.settings import Settings, UnknownSettingError
+from service.uploads import decode_image
 
 logger = logging.getLogger("service")
 
-DISTILPOSE_MODELS = ("distilpose_s", "distilpose_l")
-REFERENCE_MODEL = "blazepose_full"
-REFERENCE_DETECTOR = "ssdlite_person"
 _FETCH_HINT = "run `pose-service models fetch` once (it caches the reference models)"
-# Settings field -> keyword of PersonDetector (model.detector) and load_detector (model.reference).
+# Settings field -> the detector setting it sets (``model.catalogue.DETECTOR_SETTINGS``); which
+# detector accepts which is the catalogue's ``ModelSpec.detector_settings``.
 DETECTOR_SETTINGS = {
     "detector_score_threshold": "score_threshold",
     "detector_nms_iou": "nms_iou",
@@ -63,10 +67,6 @@ DETECTOR_SETTINGS = {
     "detector_min_size_px": "min_size",
     "detector_max_size_px": "max_size",
 }
-# The input resize: torchvision detectors only, and only min_size for torchvision's SSDlite (its
-# input is square min_size x min_size).
-_RESIZE_SETTINGS = ("detector_min_size_px", "detector_max_size_px")
-_TORCHVISION_SSD = "ssdlite320_mobilenet_v3_large"
 
 
 class SetupError(Exception):
@@ -87,53 +87,61 @@ class ModelChoice:
 
 
 def choose_model(settings: Settings) -> ModelChoice:
-    """Decide the pose model and detector from the settings and the reference-model cache.
+    """Decide the pose model and detector from the settings, the catalogue and the cache.
 
     Raises:
         SetupError: nothing servable was asked for, or a file or the cache is missing.
     """
-    paths = _reference_paths(settings.cache_path())
+    paths = _cached(settings.cache_path())
     if settings.detector == "auto":
-        detector = REFERENCE_DETECTOR if REFERENCE_DETECTOR in paths else None
+        detector = DEFAULT_DETECTOR if DEFAULT_DETECTOR in paths else None
     else:
         detector = None if settings.detector == "none" else settings.detector
     detector_weights = settings.detector_weights
-    if detector == REFERENCE_DETECTOR and detector_weights is None:
-        if REFERENCE_DETECTOR not in paths:
-            raise SetupError(f"the {REFERENCE_DETECTOR} detector is not cached: {_FETCH_HINT}")
-        detector_weights = str(paths[REFERENCE_DETECTOR])
-    if detector not in (None, REFERENCE_DETECTOR) and detector_weights is None:
+    if detector is not None:
+        try:
+            det_spec = spec_of(detector, "detector")
+        except KeyError as exc:
+            raise SetupError(f"--detector {detector}: {exc.args[0]}") from exc
+        if det_spec.weights == "cache" and detector_weights is None:
+            if detector not in paths:
+                raise SetupError(f"the {detector} detector is not cached: {_FETCH_HINT}")
+            detector_weights = str(paths[detector])
         # A torchvision detector named without weights gets its published COCO weights (from
         # torchvision's cache, downloaded where a network exists), never a silent random init.
-        detector_weights = "DEFAULT"
+        if detector_weights is None:
+            detector_weights = det_spec.default_weights
+        is_file = detector_weights is not None and not _is_weights_name(detector_weights, det_spec)
+        if is_file and not Path(str(detector_weights)).expanduser().is_file():
+            raise SetupError(f"--detector-weights: no such file: {detector_weights}")
     if settings.weights is not None and not Path(settings.weights).expanduser().is_file():
         raise SetupError(f"--weights: no such file: {settings.weights}")
-    # Torchvision detectors also take a weights enum name ("DEFAULT", "COCO_V1") instead of a file.
-    weights_file = detector_weights is not None and not detector_weights.isidentifier()
-    if weights_file and not Path(str(detector_weights)).expanduser().is_file():
-        raise SetupError(f"--detector-weights: no such file: {detector_weights}")
 
     model, weights = settings.model, settings.weights
+    if model is None and weights is None:
+        model = DEFAULT_POSE_MODEL
+    if model is not None and model not in names("pose"):
+        raise SetupError(f"--model {model}: unknown model (known: {', '.join(names('pose'))})")
+    spec = CATALOGUE[model] if model is not None else None
     if weights is not None:
         summary = f"{model or 'DistilPose (variant from the checkpoint)'} from {weights}"
-    elif model in DISTILPOSE_MODELS:
+    elif spec is not None and spec.weights == "cache":
+        if model not in paths:
+            raise SetupError(
+                "no model to serve: pass --weights PATH (a DistilPose checkpoint), or "
+                f"{_FETCH_HINT} and start again to serve the reference model {model}"
+            )
+        weights = str(paths[model])
+        summary = f"reference model {model} from {weights}"
+    elif spec is not None and spec.weights_required:
         if not settings.allow_random_weights:
             raise SetupError(
                 f"--model {model} needs --weights PATH (an official DistilPose checkpoint); "
                 "add --allow-random-weights for a smoke run with random weights"
             )
         summary = f"{model} with RANDOM weights (smoke run: the poses are meaningless)"
-    elif model in (None, REFERENCE_MODEL):
-        if REFERENCE_MODEL not in paths:
-            raise SetupError(
-                "no model to serve: pass --weights PATH (a DistilPose checkpoint), or "
-                f"{_FETCH_HINT} and start again to serve the reference model {REFERENCE_MODEL}"
-            )
-        model, weights = REFERENCE_MODEL, str(paths[REFERENCE_MODEL])
-        summary = f"reference model {REFERENCE_MODEL} from {weights}"
     else:
-        known = ", ".join((*DISTILPOSE_MODELS, REFERENCE_MODEL))
-        raise SetupError(f"--model {model}: unknown model (known: {known})")
+        summary = f"{model}"
     detector_settings = _detector_settings(settings, detector)
     summary += f"; detector {detector or 'none (caller boxes, else the whole image)'}"
     if detector_settings:
@@ -141,11 +149,19 @@ def choose_model(settings: Settings) -> ModelChoice:
     return ModelChoice(model, weights, detector, detector_weights, summary, detector_settings)
 
 
+def _is_weights_name(weights: str, spec: Any) -> bool:
+    """Whether a torchvision detector's ``weights`` is a weights enum name ("DEFAULT",
+    "COCO_V1", "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1") rather than a file."""
+    if spec.weights != "torchvision" or Path(weights).expanduser().exists():
+        return False
+    return all(part.isidentifier() for part in weights.split("."))
+
+
 def _detector_settings(settings: Settings, detector: str | None) -> dict[str, Any]:
     """The detector settings that are set, under the detector's keyword names.
 
     Raises:
-        SetupError: an input-resize setting the chosen detector does not have.
+        SetupError: a setting the chosen detector does not have (the catalogue says which).
     """
     given = {
         name: getattr(settings, name)
@@ -156,31 +172,24 @@ def _detector_settings(settings: Settings, detector: str | None) -> dict[str, An
         if given:
             logger.warning("no person detector runs: ignoring %s", ", ".join(sorted(given)))
         return {}
-    if detector == REFERENCE_DETECTOR:
-        unsupported = [name for name in _RESIZE_SETTINGS if name in given]
-        why = f"{REFERENCE_DETECTOR} has a fixed 300x300 input"
-    elif detector == _TORCHVISION_SSD:
-        unsupported = ["detector_max_size_px"] if "detector_max_size_px" in given else []
-        why = f"{_TORCHVISION_SSD}'s input is square: set its side with --detector-min-size-px"
-    else:
-        unsupported = []
+    spec = spec_of(detector, "detector")
+    accepted = spec.detector_settings
+    unsupported = [name for name in given if DETECTOR_SETTINGS[name] not in accepted]
     if unsupported:
         flags = ", ".join(
             f"--{name.replace('_', '-')} / POSE_{name.upper()}" for name in unsupported
         )
         raise SetupError(
-            f"{flags}: not a setting of the {detector} detector ({why}); the input resize "
-            "applies to the torchvision detectors"
+            f"{flags}: not a setting of the {detector} detector (its input: {spec.input_spec}; "
+            f"it accepts {', '.join(accepted)})"
         )
     return {DETECTOR_SETTINGS[name]: value for name, value in given.items()}
 
 
-def _reference_paths(cache_dir: Path) -> dict[str, Path]:
-    """The cached reference models by name ({} when not cached or not installed)."""
-    try:
-        from model.reference import fetch_reference_models, reference_models_available
-    except ImportError:
-        return {}
+def _cached(cache_dir: Path) -> dict[str, Path]:
+    """The cached reference models by name ({} when not cached)."""
+    from model.reference import fetch_reference_models, reference_models_available
+
     if not reference_models_available(cache_dir):
         return {}
     return dict(fetch_reference_models(cache_dir))  # cached: no download
@@ -188,8 +197,6 @@ def _reference_paths(cache_dir: Path) -> dict[str, Path]:
 
 def _build_pipeline(choice: ModelChoice, settings: Settings, device: str) -> Pipeline:
     """One pipeline for ``device`` (called in the engine's worker thread)."""
-    from model.pipeline import build_pipeline
-
     return build_pipeline(
         model=choice.model,
         weights=choice.weights,
@@ -198,6 +205,8 @@ def _build_pipeline(choice: ModelChoice, settings: Settings, device: str) -> Pip
         device=device,
         max_crops_per_batch=settings.max_crops_per_batch,
         detector_settings=choice.detector_settings,
+        backend=settings.backend,
+        cache_dir=settings.cache_path(),
     )
 
 
@@ -207,6 +216,12 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn logs a failure to bind, then raises SystemExit out of this task, which would end
+        # the event loop with the gRPC server still up; ``serve`` below stops both instead.
+        with contextlib.suppress(SystemExit):
+            await super().serve(sockets)
 
 
 async def serve(
@@ -236,6 +251,9 @@ async def serve(
         warmup=settings.warmup,
         drain_grace_s=settings.drain_grace_s,
         gpu_decode=settings.gpu_decode,
+        limits=settings.request_limits(),
+        max_queue_wait_ms=settings.max_queue_wait_ms,
+        max_inflight_image_bytes=settings.max_inflight_image_bytes,
     )
     engine = Engine(
         pipeline_factory,
@@ -255,9 +273,18 @@ async def serve(
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=5,
+            # Connection bounds: beyond http_max_connections uvicorn answers 503 at once; an
+            # idle keep-alive connection is closed; a request head over the limit is refused.
+            limit_concurrency=settings.http_max_connections,
+            timeout_keep_alive=settings.http_keepalive_timeout_s,
+            h11_max_incomplete_event_size=settings.http_max_header_bytes,
         )
     )
-    grpc_server = _grpc_server(engine, settings, metrics)
+    # Imported here, not at the top: grpc's C core reads GRPC_VERBOSITY when grpc is first
+    # imported, and ``main`` sets it first (see ``_quiet_grpc_core``).
+    from service.rpc import create_grpc_server
+
+    grpc_server = create_grpc_server(engine, settings, metrics=metrics)
     if stop is None:
         stop = asyncio.Event()
     force = _install_signal_handlers(stop)
@@ -265,8 +292,13 @@ async def serve(
     try:
         await grpc_server.start()
     except Exception:
+        # grpc says only "Failed to bind"; the reason (its C core's log) is silenced.
+        reason = _bind_problem(settings.host, settings.grpc_port)
         logger.exception(
-            "the gRPC server failed to start on %s:%s", settings.host, settings.grpc_port
+            "the gRPC server failed to start on %s:%s: %s",
+            settings.host,
+            settings.grpc_port,
+            reason or "see the exception (GRPC_VERBOSITY=debug shows gRPC's own log)",
         )
         return 1
     http_task = asyncio.create_task(http.serve())
@@ -274,7 +306,10 @@ async def serve(
         if http_task.done():
             await grpc_server.stop(0)
             logger.error(
-                "the HTTP server failed to start on %s:%s", settings.host, settings.http_port
+                "the HTTP server failed to start on %s:%s: %s",
+                settings.host,
+                settings.http_port,
+                _bind_problem(settings.host, settings.http_port) or "see uvicorn's error above",
             )
             return 1
         await asyncio.sleep(0.01)
@@ -286,8 +321,8 @@ async def serve(
     stop_task = asyncio.create_task(stop.wait())
     await asyncio.wait({start_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
     if start_task.done() and start_task.exception() is None:
-        grpc_server.set_serving(True)
-        logger.info("ready", extra={"model": engine.model_info()})
+        await grpc_server.set_serving(True)
+        logger.info("ready", extra={"model": engine.model_info().to_dict()})
         await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
     elif start_task.done():
         logger.error("the model failed to load", exc_info=start_task.exception())
@@ -297,7 +332,7 @@ async def serve(
         await asyncio.gather(start_task, return_exceptions=True)
 
     logger.info("draining", extra={"grace_s": 0.0 if force.is_set() else settings.drain_grace_s})
-    grpc_server.set_serving(False)
+    await grpc_server.set_serving(False)
     drain = asyncio.create_task(engine.stop(settings.drain_grace_s))
     forced = asyncio.create_task(force.wait())
     await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
@@ -312,15 +347,6 @@ async def serve(
     stop_task.cancel()
     logger.info("stopped")
     return code
-
-
-def _grpc_server(engine: Engine, settings: Settings, metrics: Metrics) -> Any:
-    """The gRPC server over ``engine`` (with the shared metrics when its factory takes them)."""
-    from service.rpc import create_grpc_server
-
-    if "metrics" in inspect.signature(create_grpc_server).parameters:
-        return create_grpc_server(engine, settings, metrics=metrics)  # type: ignore[call-arg]
-    return create_grpc_server(engine, settings)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> asyncio.Event:
@@ -340,8 +366,27 @@ def _install_signal_handlers(stop: asyncio.Event) -> asyncio.Event:
     return force
 
 
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now ("Address already in use", ...), or None."""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        return str(exc)
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As grpc binds: a port in TIME_WAIT is free, one that something listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
+
+
 def configure_logging(level: str) -> None:
-    """One JSON object per line on stderr, for this service and for uvicorn."""
+    """One JSON object per line on stderr, for this service, uvicorn and Python warnings."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     root = logging.getLogger()
@@ -350,10 +395,20 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)  # warnings.warn (torch's, say) as "py.warnings" records
+
+
+def _quiet_grpc_core() -> None:
+    """Silence the log of grpc's C core unless asked for: it writes plain-text lines to stderr
+    (a port in use, say), which would break "one JSON object per line". What matters of it the
+    service logs itself, as JSON. Effective only before grpc is first imported; an explicit
+    ``GRPC_VERBOSITY`` (``debug`` to see gRPC's own log) is kept."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``pose-service serve [--every-setting ...]`` and ``pose-service models fetch``."""
+    """``pose-service serve [--every-setting ...]``, ``pose-service models fetch`` and
+    ``pose-service export``."""
     parser = argparse.ArgumentParser(
         prog="pose-service", description="DistilPose pose estimation over HTTP and gRPC."
     )
@@ -377,7 +432,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", default=argparse.SUPPRESS, help="cache folder [POSE_CACHE_DIR]"
     )
     fetch.add_argument("--force", action="store_true", help="download and convert again")
+    _add_export_command(commands)
     return parser
+
+
+def _add_export_command(commands: Any) -> None:
+    """``pose-service export``: one catalogue model to ONNX, checked (``model.export``)."""
+    from model.export import OPSET, exportable
+
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX (dynamic batch), checked against PyTorch",
+        description="Writes the network as ONNX with a dynamic batch dimension, checks it against "
+        "PyTorch under ONNX Runtime (tolerances in model/export.py) and records the source "
+        "weights' sha256 and the graph's sha256 in its metadata. DistilPose needs --weights; "
+        "blazepose_full and ssdlite_person come from the cache (`pose-service models fetch`). "
+        "Prints one JSON object.",
+        allow_abbrev=False,
+    )
+    export.add_argument(
+        "--model",
+        choices=exportable(),
+        default=None,
+        help="the model (default: the DistilPose variant of --weights)",
+    )
+    export.add_argument("--weights", default=None, help="DistilPose weights (.pth, .safetensors)")
+    export.add_argument("--output", default=None, help="ONNX file to write (default: MODEL.onnx)")
+    export.add_argument(
+        "--cache-dir", default=argparse.SUPPRESS, help="cache folder [POSE_CACHE_DIR]"
+    )
+    export.add_argument("--opset", type=int, default=OPSET, metavar="N", help="ONNX opset (17+)")
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    """``pose-service export``: write, check and describe one ONNX file."""
+    import json
+
+    from model.export import export_model
+
+    if args.model is None and args.weights is None:
+        sys.stderr.write("pose-service export: give --model, --weights or both\n")
+        return 2
+    try:
+        result = export_model(
+            args.model,
+            args.weights,
+            args.output,
+            cache_dir=settings.cache_path(),
+            opset=args.opset,
+        )
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        logger.error("export failed: %s", exc)
+        return 1
+    summary = {
+        "model": result.model,
+        "path": str(result.path),
+        "file_sha256": result.file_sha256,
+        "graph_sha256": result.graph_sha256,
+        "source_weights_sha256": result.source_weights_sha256,
+        "max_abs_diff_vs_torch": result.max_abs_diff,
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
 
 
 def _add_setting_flag(
@@ -405,10 +521,47 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with a "did you mean" for each unknown flag (difflib, as the
+    settings do for unknown ``POSE_*`` variables).
+
+    Raises:
+        SystemExit: 2, after the command's usage and the error on stderr.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _command_parser(parser, args)
+        known = [flag for action in command._actions for flag in action.option_strings]
+        command.error(
+            "unrecognized arguments: " + " ".join(_did_you_mean(arg, known) for arg in unknown)
+        )
+    return args
+
+
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)command parser that parsed ``args`` (``pose-service models fetch``: fetch's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(str(getattr(args, action.dest, "")))
+            if chosen is not None:
+                return _command_parser(chosen, args)
+    return parser
+
+
+def _did_you_mean(arg: str, known: Sequence[str]) -> str:
+    """``arg``, followed by the closest known flag when it is a flag with one."""
+    if not arg.startswith("-"):
+        return arg
+    close = difflib.get_close_matches(arg.partition("=")[0], known, n=1)
+    return f"{arg} (did you mean {close[0]}?)" if close else arg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pose-service``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         if args.command == "serve":
             settings = settings_from_args(args)
@@ -425,13 +578,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, path in paths.items():
             sys.stdout.write(f"{name}: {path}\n")
         return 0
+    if args.command == "export":
+        return _export(args, settings)
     logger.info("settings", extra={"settings": settings.public_dict()})
+    _quiet_grpc_core()
     try:
         return asyncio.run(serve(settings))
     except SetupError as exc:
         logger.error("cannot serve: %s", exc)
-        sys.stderr.write(f"pose-service: error: {exc}\n")
         return 2
+    except Exception:
+        logger.exception("the service failed")  # as JSON, not as a bare traceback
+        return 1
 
 
 if __name__ == "__main__":

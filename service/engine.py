@@ -35,19 +35,37 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast, get_args
+from typing import Any, Protocol, cast
 
 import torch
 
-from model.interfaces import BatchStats, ImageResult, PipelineItem, PoseOptions, Precision
-from service.batching import RETRY_DEFAULT_S, BatchQueue, Job, JobState
-from service.images import EncodedJpeg, ImageError, ImageHeader
+from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem, PoseOptions
+from service.batching import BatchQueue, Job, JobState
+from service.errors import (
+    ClientClosedError,
+    DeadlineExceededError,
+    EngineError,
+    EngineStoppedError,
+    InferenceError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+)
+from service.gpu_decode import EncodedJpeg, ImageHeader
+from service.validation import (
+    RequestLimits,
+    check_boxes_in_image,
+    check_image,
+    check_options,
+    parse_boxes,
+)
 from service.workers import DeviceDecoder, Pipeline, WorkerPool, plan_decoding
 
 __all__ = [
+    "ClientClosedError",
     "DeadlineExceededError",
     "Engine",
     "EngineConfig",
@@ -55,12 +73,14 @@ __all__ = [
     "EngineObserver",
     "EngineStoppedError",
     "InferenceError",
+    "InvalidRequestError",
     "NoopObserver",
     "NotReadyError",
     "Pipeline",
     "PoseRequest",
     "PoseResponse",
     "QueueFullError",
+    "RequestLimits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,13 +96,21 @@ class EngineConfig:
         max_delay_ms: How long the first job of a batch waits for more to arrive; 0 takes what is
             queued and goes.
         max_queue_size: Most jobs admitted and not yet running (being decoded or queued); beyond it
-            ``infer`` raises ``QueueFullError`` at once.
+            ``infer`` raises ``QueueFullError`` at once. Admission is also by time: once the
+            workers' throughput is measured, a job that would pass its deadline waiting (or wait
+            longer than ``max_queue_wait_ms``) is refused at once with a retry hint.
         decode_workers: Threads decoding encoded images.
         warmup: Run ``pipeline.warmup()`` in ``start()`` before reporting ready.
         drain_grace_s: Default grace period of ``stop()``.
-        gpu_decode: Decode the JPEGs that qualify (``service.images.probe_image``) on the
+        gpu_decode: Decode the JPEGs that qualify (``service.gpu_decode.probe_image``) on the
             workers' CUDA device, batched, instead of in the decode pool; no effect unless every
             worker is on one CUDA device. Off by default until the benchmark says it wins.
+        limits: What one request may ask for (boxes per image, smallest box).
+        max_queue_wait_ms: Longest expected queue wait admitted (None: the deadline decides).
+        max_inflight_image_bytes: Most bytes of decoded pixels held by admitted jobs (queued or
+            running); an image that does not fit is refused (429) as soon as its size is known,
+            so a burst of large images cannot fill memory however the queue is sized. Decoding
+            itself is bounded by ``decode_workers`` (one image per thread). None: no bound.
     """
 
     max_batch_size: int = 16
@@ -92,6 +120,9 @@ class EngineConfig:
     warmup: bool = True
     drain_grace_s: float = 30.0
     gpu_decode: bool = False
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_queue_wait_ms: float | None = None
+    max_inflight_image_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -106,46 +137,6 @@ class EngineConfig:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
 
 
-class EngineError(Exception):
-    """Base of the engine's errors; ``code`` is machine-readable and maps to a transport status."""
-
-    code: str = "internal"
-
-
-class QueueFullError(EngineError):
-    """The queue is full: HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED."""
-
-    code = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: float = RETRY_DEFAULT_S) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class NotReadyError(EngineError):
-    """Not started, still warming up, draining or stopped: HTTP 503, gRPC UNAVAILABLE."""
-
-    code = "unavailable"
-
-
-class DeadlineExceededError(EngineError):
-    """The request's deadline passed before its answer: HTTP 504, gRPC DEADLINE_EXCEEDED."""
-
-    code = "deadline_exceeded"
-
-
-class EngineStoppedError(EngineError):
-    """The drain grace period expired before this job ran: HTTP 503, gRPC UNAVAILABLE."""
-
-    code = "shutting_down"
-
-
-class InferenceError(EngineError):
-    """The batch holding this job failed; the pipeline's exception is the ``__cause__``."""
-
-    code = "internal"
-
-
 @dataclass
 class PoseRequest:
     """One image to run.
@@ -153,15 +144,27 @@ class PoseRequest:
     Attributes:
         image: Encoded bytes (decoded in the engine's decode pool by ``decoder``) or a decoded
             (3, H, W) uint8 RGB tensor.
-        boxes: (M, 4) or (M, 5) [x, y, w, h(, score)] person boxes in pixels, or None to detect.
+        boxes: [x, y, w, h(, score)] person boxes in pixels as parsed (rows of numbers, or an
+            (M, 4|5) tensor), or None to detect; validated by the engine
+            (``service.validation``).
         options: Per-request pose options.
         deadline: ``time.monotonic()`` seconds after which the answer is no longer wanted.
+        return_image: Put the decoded image in the answer (to draw on it): the image is decoded
+            after admission, in the engine's pool, like any other.
+        source: Who sent it (an API key, a connection, a stream); batches are formed
+            round-robin over sources.
+        eager: Do not hold this job for a batch to fill while nothing but eager jobs is queued:
+            set by ``service.tracking`` on a tracked stream's frames, whose sender waits for the
+            answer (``service.batching``).
     """
 
     image: bytes | torch.Tensor
-    boxes: torch.Tensor | None = None
+    boxes: Any = None
     options: PoseOptions = field(default_factory=PoseOptions)
     deadline: float | None = None
+    return_image: bool = False
+    source: str = ""
+    eager: bool = False
 
 
 @dataclass
@@ -176,6 +179,7 @@ class PoseResponse:
 
     result: ImageResult
     timing_ms: dict[str, float]
+    image: torch.Tensor | None = None  # (3, H, W) uint8 on the CPU, when ``return_image``
 
 
 class EngineObserver(Protocol):
@@ -224,37 +228,6 @@ def _timed_decode(
     return image, time.monotonic() - t0
 
 
-def _check_image(image: torch.Tensor) -> None:
-    """Refuse a tensor the pipeline cannot take, so that one bad request cannot fail a batch."""
-    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        raise ImageError(
-            "bad_image",
-            f"image must be a (3, H, W) uint8 RGB tensor, got {tuple(image.shape)} {image.dtype}",
-        )
-    if image.shape[1] < 1 or image.shape[2] < 1:
-        raise ImageError("bad_image", f"image is empty: {tuple(image.shape)}")
-
-
-def _check_boxes(boxes: torch.Tensor | None) -> torch.Tensor | None:
-    """Caller boxes as float32 (M, 4|5), refusing what the pipeline cannot take (the transports
-    validate them fully with ``service.images.validate_boxes``)."""
-    if boxes is None:
-        return None
-    if boxes.dim() != 2 or boxes.shape[1] not in (4, 5):
-        raise ImageError("bad_boxes", f"boxes must be (M, 4) or (M, 5), got {tuple(boxes.shape)}")
-    boxes = boxes.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(boxes).all()):
-        raise ImageError("bad_boxes", "boxes must be finite")
-    if not bool(((boxes[:, 2] > 0) & (boxes[:, 3] > 0)).all()):
-        raise ImageError("bad_boxes", "every box needs a width and a height > 0")
-    return boxes
-
-
-def _check_options(options: PoseOptions) -> None:
-    if options.precision not in get_args(Precision):
-        raise ValueError(f"unknown precision {options.precision!r}")
-
-
 class Engine:
     """Dynamic batcher and worker pool behind both transports.
 
@@ -264,13 +237,13 @@ class Engine:
         devices: One worker per entry, e.g. ``["cpu"]``, ``["cuda:0", "cuda:1"]``.
         config: Batching and lifecycle knobs.
         decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in the decode pool; its
-            exceptions (``service.images.ImageError``) reach the caller unchanged. Without one,
+            exceptions (``service.errors.ImageError``) reach the caller unchanged. Without one,
             requests must carry decoded tensors.
-        probe: Encoded bytes -> ``ImageHeader`` without decoding (``service.images.probe_image``
+        probe: Encoded bytes -> ``ImageHeader`` without decoding (``service.gpu_decode.probe_image``
             with the pixel limit); needed by ``config.gpu_decode``, run in the decode pool, its
             exceptions reach the caller unchanged.
         device_decoder: The workers' batched JPEG decoder; by default
-            ``service.images.decode_jpegs`` (nvJPEG), used only when every worker is on one CUDA
+            ``service.gpu_decode.decode_jpegs`` (nvJPEG), used only when every worker is on one CUDA
             device. One given here is used on every worker, whatever its device (tests).
         observer: Metrics hooks.
 
@@ -322,6 +295,7 @@ class Engine:
         )
         # Event-loop-only state.
         self._live: set[Job] = set()  # admitted jobs whose future is not settled yet
+        self._image_bytes = 0  # decoded pixels held by live jobs (``max_inflight_image_bytes``)
         self._idle = asyncio.Event()  # set while _live is empty
         self._idle.set()
         self._decode_pool: ThreadPoolExecutor | None = None
@@ -413,7 +387,7 @@ class Engine:
         """Jobs admitted and not yet running (being decoded or queued)."""
         return self._queue.depth()
 
-    def model_info(self) -> dict[str, Any]:
+    def model_info(self) -> ModelDescription:
         """``describe()`` of the first worker's pipeline.
 
         Raises:
@@ -435,9 +409,9 @@ class Engine:
             DeadlineExceededError: ``request.deadline`` passed before the answer.
             EngineStoppedError: The drain grace period expired first.
             InferenceError: The batch failed.
-            ImageError: The decoder or probe refused the bytes (unchanged), or the image tensor
-                or boxes are unusable (checked here so that one bad request cannot fail a batch).
-            ValueError: Unknown ``options.precision``.
+            InvalidRequestError: The decoder or probe refused the bytes (unchanged), or the
+                image, boxes or options are invalid (``service.validation``: checked here, once,
+                so that one bad request cannot fail a batch).
         """
         if not self.ready:
             raise NotReadyError("draining" if self._draining else "the engine is not ready")
@@ -446,10 +420,15 @@ class Engine:
         if request.deadline is not None and request.deadline <= t_submit:
             raise DeadlineExceededError("the deadline passed before the request was queued")
 
+        limits = self._config.limits
+        boxes = None if request.boxes is None else parse_boxes(request.boxes, limits)
+        check_options(request.options)
         data: bytes | None = None
         image = request.image
         if isinstance(image, torch.Tensor):
-            _check_image(image)
+            check_image(image)
+            if boxes is not None:
+                check_boxes_in_image(boxes, int(image.shape[2]), int(image.shape[1]))
         elif isinstance(image, bytes | bytearray | memoryview):
             if self._decoder is None:
                 raise TypeError("this engine has no decoder: pass a decoded image tensor")
@@ -457,8 +436,7 @@ class Engine:
             image = torch.empty(0, dtype=torch.uint8)  # replaced once decoded
         else:
             raise TypeError(f"image must be bytes or a tensor, got {type(image).__name__}")
-        _check_options(request.options)
-        item = PipelineItem(image=image, boxes=_check_boxes(request.boxes), options=request.options)
+        item = PipelineItem(image=image, boxes=boxes, options=request.options)
         job = Job(
             item=item,
             future=loop.create_future(),
@@ -466,14 +444,26 @@ class Engine:
             deadline=request.deadline,
             t_submit=t_submit,
             state=JobState.DECODING if data is not None else JobState.QUEUED,
+            return_image=request.return_image,
+            source=request.source,
+            eager=request.eager,
         )
-        if not self._queue.admit(job):
+        max_wait = (
+            self._config.max_queue_wait_ms / 1000.0 if self._config.max_queue_wait_ms else None
+        )
+        retry = self._queue.admit(job, workers=len(self._workers), max_wait_s=max_wait)
+        if retry is not None:
             raise QueueFullError(
-                f"queue full ({self._queue.max_queue_size} jobs waiting)",
-                retry_after_s=self._queue.retry_after_s(len(self._workers)),
+                f"overloaded: {self._queue.depth()} jobs waiting; this one would not be answered "
+                "in time",
+                retry_after_s=retry,
             )
         self._live.add(job)
         self._idle.clear()
+        if data is None and not self._hold_image(job, int(image.nbytes)):
+            error = self._too_many_image_bytes(job)
+            self._finish(job)
+            raise error
         if request.deadline is not None:
             job.timer = loop.call_at(loop.time() + (request.deadline - t_submit), self._expire, job)
         if data is not None:
@@ -490,6 +480,41 @@ class Engine:
             self._finish(job)
             raise
 
+    async def infer_many(
+        self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
+    ) -> list[PoseResponse]:
+        """Run several images, each as its own job (they batch with everything else).
+
+        All the answers in order, or the first error: the first failure (a refusal, a deadline)
+        cancels the jobs still pending, which are then dropped before the pipeline. So does
+        ``abandoned`` completing (e.g. the HTTP client disconnecting): ``ClientClosedError``.
+
+        Raises:
+            ClientClosedError: ``abandoned`` completed first.
+            EngineError: The first job's error (see ``infer``).
+        """
+        tasks = [asyncio.create_task(self.infer(request)) for request in requests]
+        watcher = asyncio.ensure_future(abandoned) if abandoned is not None else None
+        pending = set(tasks)
+        try:
+            while pending:
+                waiting = pending | ({watcher} if watcher is not None else set())
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if watcher is not None and watcher in done:
+                    raise ClientClosedError("the client went away before the answer")
+                for task in done:
+                    pending.discard(task)
+                    error = task.exception()
+                    if error is not None:
+                        raise error
+            return [task.result() for task in tasks]
+        finally:
+            for task in pending:
+                task.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            await asyncio.gather(*pending, *([watcher] if watcher else []), return_exceptions=True)
+
     def _decoded(
         self, job: Job, decode_future: asyncio.Future[tuple[torch.Tensor | EncodedJpeg, float]]
     ) -> None:
@@ -505,16 +530,39 @@ class Engine:
             self._finish(job, exc=exc)  # the decoder's ImageError, unchanged
             return
         image, job.decode_s = decode_future.result()
-        if isinstance(image, EncodedJpeg):
-            job.jpeg = image
-        else:
-            try:
-                _check_image(image)
-            except ImageError as bad:
-                self._finish(job, exc=bad)
-                return
-            job.item.image = image
+        try:
+            if isinstance(image, EncodedJpeg):
+                size = (image.width, image.height)
+                job.jpeg = image
+            else:
+                check_image(image)
+                size = (int(image.shape[2]), int(image.shape[1]))
+                job.item.image = image
+            if job.item.boxes is not None:
+                check_boxes_in_image(job.item.boxes, *size)
+        except InvalidRequestError as bad:
+            self._finish(job, exc=bad)
+            return
+        if not self._hold_image(job, size[0] * size[1] * 3):
+            self._finish(job, exc=self._too_many_image_bytes(job))
+            return
         self._queue.enqueue(job)
+
+    def _hold_image(self, job: Job, nbytes: int) -> bool:
+        """Count ``job``'s decoded pixels against ``max_inflight_image_bytes`` (event loop)."""
+        limit = self._config.max_inflight_image_bytes
+        if limit is not None and self._image_bytes + nbytes > limit and self._image_bytes > 0:
+            return False  # (an image alone is always let through: max_image_pixels bounds it)
+        self._image_bytes += nbytes
+        job.image_bytes = nbytes
+        return True
+
+    def _too_many_image_bytes(self, job: Job) -> QueueFullError:
+        return QueueFullError(
+            f"{self._image_bytes} bytes of images in flight; the limit is "
+            f"{self._config.max_inflight_image_bytes}",
+            retry_after_s=self._queue.retry_after_s(len(self._workers)),
+        )
 
     def _expire(self, job: Job) -> None:
         self._finish(job, exc=DeadlineExceededError("the deadline passed before the answer"))
@@ -541,6 +589,8 @@ class Engine:
             job.timer.cancel()
         if job.decode_future is not None and not job.decode_future.done():
             job.decode_future.cancel()
+        self._image_bytes -= job.image_bytes
+        job.image_bytes = 0
         self._live.discard(job)
         if not self._live:
             self._idle.set()
@@ -566,6 +616,7 @@ class Engine:
     ) -> None:
         """Worker thread: answer every job of a pipeline call."""
         self._queue.record_batch(len(jobs), seconds)
+        self._queue.finished(jobs)
         self._observe(self._observer.on_batch, stats, len(jobs))
         now = time.monotonic()
         for job, result in zip(jobs, results, strict=True):
@@ -576,10 +627,12 @@ class Engine:
                 "pose": stats.pose_seconds * 1000.0,
                 "total": (now - job.t_submit) * 1000.0,
             }
-            self._post(job, result=PoseResponse(result=result, timing_ms=timing))
+            image = job.item.image.cpu() if job.return_image else None
+            self._post(job, result=PoseResponse(result=result, timing_ms=timing, image=image))
 
     def _failed(self, jobs: list[Job], cause: Exception) -> None:
         """Worker thread: fail the jobs of a failed pipeline call, and only those."""
+        self._queue.finished(jobs)
         for job in jobs:
             # One error per job, never shared: each caller's traceback is its own.
             err = InferenceError(

@@ -12,11 +12,11 @@ in the queue (``pose_queue_wait_seconds``) is kept apart from time computing
 | pose_requests_total | counter | transport, code | finished requests (HTTP status / gRPC code) |
 | pose_request_duration_seconds | histogram | transport | request latency, arrival to answer |
 | pose_queue_wait_seconds | histogram | | time an image waited for its batch |
-| pose_batch_size | histogram | stage | images per detect batch, crops per pose batch |
+| pose_batch_size | histogram | stage | images per engine/detect batch, crops per pose batch |
 | pose_inference_seconds | histogram | stage | compute seconds of one batch per stage |
 | pose_queue_depth | gauge | | images waiting now |
 | pose_persons_per_image | histogram | | persons found per image |
-| pose_model_info | gauge (1) | model, variant, weights_sha256, detector, device, input_size | |
+| pose_model_info | info (1) | detector, device, input_size, model, weights_sha256 | |
 | pose_gpu_memory_{allocated,reserved,total}_bytes | gauge | device | CUDA memory (CUDA only) |
 
 plus the standard ``process_*``, ``python_gc_*`` and ``python_info`` collectors.
@@ -24,7 +24,7 @@ plus the standard ``process_*``, ``python_gc_*`` and ``python_info`` collectors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,13 +34,14 @@ from prometheus_client import (
     Gauge,
     GCCollector,
     Histogram,
+    Info,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from model.interfaces import BatchStats
+from model.interfaces import BatchStats, ModelDescription
 
 # The classic text format every Prometheus server reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,17 +51,6 @@ _WAIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _COMPUTE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _PERSON_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
-
-# Keys of ``engine.model_info()`` (the pipeline's ``describe()``) turned into info labels, with the
-# alternatives tried in order.
-_INFO_LABELS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "name"),
-    "variant": ("variant",),
-    "weights_sha256": ("weights_sha256",),
-    "detector": ("detector",),
-    "device": ("device",),
-    "input_size": ("input_size",),
-}
 
 
 class Metrics:
@@ -97,7 +87,8 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "pose_batch_size",
-            "Batch size per stage: images for detect, person crops for pose.",
+            "Batch size per stage: images per engine batch (engine) and per detect batch, "
+            "person crops per pose batch.",
             ["stage"],
             buckets=_SIZE_BUCKETS,
             registry=reg,
@@ -116,8 +107,8 @@ class Metrics:
             buckets=_PERSON_BUCKETS,
             registry=reg,
         )
-        self._model_info: Callable[[], Mapping[str, Any]] | None = None
-        reg.register(_ModelInfoCollector(self))
+        self._model_info: Callable[[], ModelDescription] | None = None
+        self._model_published = False
         reg.register(_GpuMemoryCollector())
         if process_collectors:
             ProcessCollector(registry=reg)
@@ -131,7 +122,27 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything registered."""
+        self._publish_model()
         return generate_latest(self.registry)
+
+    def _publish_model(self) -> None:
+        """``pose_model_info{...} 1`` once the engine has a model (an ``Info``, set once)."""
+        if self._model_published or self._model_info is None:
+            return
+        try:
+            info = self._model_info()
+        except Exception:  # not started yet: nothing to say
+            return
+        Info("pose_model", "The served pose model.", registry=self.registry).info(
+            {
+                "detector": info.detector or "",
+                "device": info.device,
+                "input_size": "x".join(str(v) for v in info.input_size),
+                "model": info.model,
+                "weights_sha256": info.weights_sha256 or "",
+            }
+        )
+        self._model_published = True
 
     # Transports.
     def observe_request(self, transport: str, code: str | int, seconds: float) -> None:
@@ -150,6 +161,7 @@ class Metrics:
 
     def on_batch(self, stats: BatchStats, images: int) -> None:
         """A pipeline batch of ``images`` images finished."""
+        self.batch_size.labels(stage="engine").observe(images)
         if stats.detect_images > 0:
             self.batch_size.labels(stage="detect").observe(stats.detect_images)
             self.inference.labels(stage="detect").observe(max(stats.detect_seconds, 0.0))
@@ -158,43 +170,6 @@ class Metrics:
             self.inference.labels(stage="pose").observe(max(stats.pose_seconds, 0.0))
         for persons in stats.persons_per_image:
             self.persons_per_image.observe(persons)
-
-
-class _ModelInfoCollector:
-    """``pose_model_info{...} 1`` from the engine's model description, once one is known."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        source = self._metrics._model_info
-        if source is None:
-            return
-        try:
-            info = source()
-        except Exception:  # not started yet: nothing to say
-            return
-        labels = {name: _label_value(info, keys) for name, keys in _INFO_LABELS.items()}
-        family = GaugeMetricFamily(
-            "pose_model_info", "The served pose model (value 1).", labels=list(labels)
-        )
-        family.add_metric(list(labels.values()), 1.0)
-        yield family
-
-
-def _label_value(info: Mapping[str, Any], keys: tuple[str, ...]) -> str:
-    """The first of ``keys`` present in ``info`` as a label string ("" when none)."""
-    for key in keys:
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, list | tuple):
-            return "x".join(str(v) for v in value)
-        return str(value)
-    return ""
 
 
 class _GpuMemoryCollector:

@@ -20,7 +20,9 @@ Retry-After queue full; 503 not ready or draining; 504 past the request deadline
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import importlib.resources
 import json
 import logging
 import math
@@ -30,40 +32,43 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, swagger_ui_default_parameters
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.interfaces import ImageResult
 from service import render
-from service.engine import Engine, EngineError, PoseRequest, PoseResponse, QueueFullError
-from service.images import ImageError, decode_image
+from service.engine import Engine, PoseRequest, PoseResponse
+from service.errors import ClientClosedError, EngineError, InferenceError, UnauthenticatedError
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
-from service.rest_inputs import InputReader, PoseOptionsIn, PoseQuery, RenderQuery, openapi_body
+from service.rest_inputs import BatchQuery, InputReader, PoseQuery, RenderQuery, openapi_body
 from service.rest_middleware import (
-    ApiError,
     BodyLimitMiddleware,
     RequestContextMiddleware,
     error_response,
+    http_error_response,
 )
+from service.rest_video import VIDEO_PATH, video_router
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 # Pose requests, counted in pose_requests_total.
-API_PATHS = ("/v1/pose", "/pose", "/v1/pose/render", "/v1/pose/batch")
-# Past the request deadline, how long a route waits for the engine's own DeadlineExceededError
-# before it gives up on the job itself.
-_DEADLINE_SLACK_S = 0.25
+API_PATHS = ("/v1/pose", "/pose", "/v1/pose/render", "/v1/pose/batch", VIDEO_PATH)
 _ERROR_DOCS = {
     400: "undecodable image, bad base64 or JSON, invalid boxes",
     401: "missing or wrong API key",
+    408: "the body did not arrive in time",
     413: "body, image or batch too large",
     415: "unsupported media type",
     422: "schema violation",
     429: "queue full; retry after Retry-After seconds",
+    431: "request headers too large",
     503: "not ready, or draining",
     504: "request deadline exceeded",
 }
@@ -91,9 +96,10 @@ class PoseOut(BaseModel):
 
     persons: list[PersonOut]
     image: ImageSizeOut
-    keypoint_names: list[str]
-    skeleton: list[list[int]]
-    model: dict[str, Any]
+    # Absent with ?model_info=false.
+    keypoint_names: list[str] | None = None
+    skeleton: list[list[int]] | None = None
+    model: dict[str, Any] | None = None
     timing_ms: dict[str, float]
 
 
@@ -119,11 +125,25 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
     metrics.bind_engine(engine)
     api = _PoseApi(engine, settings)
     reader = InputReader(settings)
-    app = FastAPI(title="DistilPose pose service", version="1", description=__doc__)
+    # No slash redirects: a redirect would be built from the client's Host header.
+    app = FastAPI(
+        title="DistilPose pose service",
+        version="1",
+        description=__doc__,
+        redirect_slashes=False,
+        docs_url=None,  # served by _install_docs from local files, not from a CDN
+        redoc_url=None,
+    )
     app.state.metrics = metrics
+    _install_docs(app)
     _install_error_handlers(app)
     # Added last = outermost: request ids, logs and metrics see every answer, 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.http_body_timeout_s,
+        max_header_bytes=settings.http_max_header_bytes,
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, metric_paths=API_PATHS)
     auth = _auth_dependencies(settings.api_keys)
     errors: dict[int | str, dict[str, Any]] = {
@@ -135,7 +155,7 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
         started = time.monotonic()
         job = await reader.read_single(request, query)
         (response,) = await api.run(request, [job])
-        return api.json(api.result_dict(response, started))
+        return api.json(api.result_dict(response, started, model_info=query.model_info))
 
     for path in ("/v1/pose", "/pose"):
         app.post(
@@ -159,18 +179,17 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
     async def pose_render(request: Request, query: Annotated[RenderQuery, Query()]) -> Response:
         """The image with boxes and skeletons drawn: PNG, or JPEG when ``Accept`` prefers it."""
         job = await reader.read_single(request, query)
-        assert isinstance(job.image, bytes)
-        limit = settings.max_image_pixels
-        job.image = await asyncio.to_thread(decode_image, job.image, max_pixels=limit)
+        job.return_image = True  # decoded in the engine's pool, after admission
         (response,) = await api.run(request, [job])
+        assert response.image is not None
         info = api.model_info()
         fmt: Literal["png", "jpeg"] = "jpeg" if _wants_jpeg(request) else "png"
         canvas = await asyncio.to_thread(
             render.draw_poses,
-            job.image,
+            response.image,
             response.result,
-            info.get("keypoint_names", ()),
-            info.get("skeleton", ()),
+            info["keypoint_names"],
+            info["skeleton"],
             min_score=query.min_score,
         )
         return Response(
@@ -185,13 +204,16 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
         openapi_extra=openapi_body(batch=True),
         summary="Estimate poses in several images",
     )
-    async def pose_batch(request: Request, query: Annotated[PoseOptionsIn, Query()]) -> Response:
+    async def pose_batch(request: Request, query: Annotated[BatchQuery, Query()]) -> Response:
         """Several images (multipart ``image`` parts or a JSON list), one result each, in order;
         the first failing image fails the request and cancels the others."""
         started = time.monotonic()
         jobs = await reader.read_batch(request, query)
         responses = await api.run(request, jobs)
-        return api.json({"results": [api.result_dict(r, started) for r in responses]})
+        results = [api.result_dict(r, started, model_info=query.model_info) for r in responses]
+        return api.json({"results": results})
+
+    app.include_router(video_router(api, settings, dependencies=auth, responses=errors))
 
     @app.get("/v1/models", dependencies=auth, responses={503: errors[503]}, summary="Served model")
     async def models() -> Response:
@@ -229,43 +251,16 @@ class _PoseApi:
         self._model_info: dict[str, Any] | None = None
 
     async def run(self, request: Request, jobs: Sequence[PoseRequest]) -> list[PoseResponse]:
-        """Run every job as its own engine job: all the answers, or the first error.
-
-        A client disconnect, the deadline or the first failure cancels the jobs still pending (the
-        engine drops them before the pipeline).
-        """
-        tasks = [asyncio.create_task(self.engine.infer(job)) for job in jobs]
-        watcher = asyncio.create_task(_wait_disconnect(request))
-        deadline = min((job.deadline for job in jobs if job.deadline is not None), default=None)
-        pending = set(tasks)
-        try:
-            while pending:
-                timeout = None
-                if deadline is not None:
-                    timeout = max(0.0, deadline + _DEADLINE_SLACK_S - time.monotonic())
-                done, _ = await asyncio.wait(
-                    pending | {watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    raise ApiError(504, "deadline_exceeded", "the request deadline passed")
-                if watcher in done:
-                    raise ApiError(499, "client_closed", "the client disconnected")
-                for task in done:
-                    pending.discard(task)
-                    error = task.exception()
-                    if error is not None:
-                        raise error
-            return [task.result() for task in tasks]
-        finally:
-            watcher.cancel()
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(watcher, *pending, return_exceptions=True)
+        """Every job as its own engine job; a client disconnect cancels the pending ones."""
+        source = _source_of(request)
+        for job in jobs:
+            job.source = source
+        return await self.engine.infer_many(jobs, abandoned=_wait_disconnect(request))
 
     def model_info(self) -> dict[str, Any]:
         """The engine's model description (cached once known; 503 before the engine started)."""
         if self._model_info is None:
-            self._model_info = _jsonable(self.engine.model_info())
+            self._model_info = _jsonable(self.engine.model_info().to_dict())
         return self._model_info
 
     def server_info(self) -> dict[str, Any]:
@@ -283,19 +278,26 @@ class _PoseApi:
             "auth": bool(s.api_keys),
         }
 
-    def result_dict(self, response: PoseResponse, started: float) -> dict[str, Any]:
-        """The JSON answer for one image."""
-        info = self.model_info()
+    def result_dict(
+        self, response: PoseResponse, started: float, *, model_info: bool = True
+    ) -> dict[str, Any]:
+        """The JSON answer for one image (without the model's names, skeleton and description
+        when ``model_info`` is false)."""
         timing = dict(response.timing_ms)
         timing["request"] = (time.monotonic() - started) * 1000.0
-        return {
+        answer: dict[str, Any] = {
             "persons": _persons(response.result),
             "image": {"width": response.result.width, "height": response.result.height},
-            "keypoint_names": list(info.get("keypoint_names", ())),
-            "skeleton": [list(pair) for pair in info.get("skeleton", ())],
-            "model": {k: v for k, v in info.items() if k not in ("keypoint_names", "skeleton")},
-            "timing_ms": timing,
         }
+        if model_info:
+            info = self.model_info()
+            answer["keypoint_names"] = info["keypoint_names"]
+            answer["skeleton"] = info["skeleton"]
+            answer["model"] = {
+                k: v for k, v in info.items() if k not in ("keypoint_names", "skeleton")
+            }
+        answer["timing_ms"] = timing
+        return answer
 
     @staticmethod
     def json(content: Any) -> Response:
@@ -304,7 +306,7 @@ class _PoseApi:
             body = json.dumps(content, allow_nan=False, separators=(",", ":"))
         except ValueError as exc:
             logger.error("non-finite number in a response", exc_info=exc)
-            raise ApiError(500, "internal", "the result held a non-finite number") from exc
+            raise InferenceError("the result held a non-finite number") from exc
         return Response(body.encode(), media_type="application/json")
 
 
@@ -336,6 +338,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _source_of(request: Request) -> str:
+    """Who is asking, for fair batching: the API key's digest when one is sent, else the
+    connection."""
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "")[7:]
+    if key:
+        return "key:" + hashlib.sha256(key.strip().encode()).hexdigest()[:16]
+    client = request.client
+    return f"http:{client.host}:{client.port}" if client else "http"
+
+
 async def _wait_disconnect(request: Request) -> None:
     """Return when the client goes away (the body is read already, so receive() only waits)."""
     while True:
@@ -364,60 +376,83 @@ def _wants_jpeg(request: Request) -> bool:
     return quality["image/jpeg"] > quality["image/png"]
 
 
+# API docs.
+_DOCS_ASSETS = "/docs/assets"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` from files in the ``fastapi-offline`` package.
+
+    FastAPI's own pages load their scripts, styles, favicon and fonts from CDNs, so they are blank
+    offline or behind a strict proxy; these reference nothing outside this server.
+    """
+    assets = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{_DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{_DOCS_ASSETS}/favicon.png",
+            # No badge that sends the schema to validator.swagger.io.
+            swagger_ui_parameters={**swagger_ui_default_parameters, "validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{_DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{_DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 # Errors.
-_STATUS_OF_ENGINE_CODE = {
-    "queue_full": 429,
-    "unavailable": 503,
-    "shutting_down": 503,
-    "deadline_exceeded": 504,
-    "internal": 500,
-}
 _CODE_OF_STATUS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+_MAX_DETAILS = 10
+_DETAIL_CHARS = 200
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Map every error to ``{"error": {"code", "message"}}`` with its status."""
 
-    async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    async def image_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ImageError)
-        return error_response(exc.status, exc.code, exc.message)
-
     async def engine_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EngineError)
-        status = _STATUS_OF_ENGINE_CODE.get(exc.code, 500)
-        headers = {}
-        if isinstance(exc, QueueFullError):
-            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
-        elif status == 503:
-            headers["retry-after"] = "1"
-        message = str(exc)
-        if status == 500:
-            request_id = getattr(request.state, "request_id", "?")
-            logger.error("inference failed", exc_info=exc, extra={"request_id": request_id})
-            message = f"inference failed (request id {request_id})"
-        return error_response(status, exc.code, message, headers)
+        return http_error_response(exc, getattr(request.state, "request_id", "?"))
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        # Bounded whatever was sent: the first few entries, each cut short, and the count.
         details = [
-            {"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()
+            {
+                "loc": [str(part)[:_DETAIL_CHARS] for part in e.get("loc", ())][:8],
+                "msg": str(e.get("msg", ""))[:_DETAIL_CHARS],
+            }
+            for e in errors[:_MAX_DETAILS]
         ]
         message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
+        if len(errors) > _MAX_DETAILS:
+            message += f" (and {len(errors) - _MAX_DETAILS} more)"
         return error_response(422, "invalid_request", message or "invalid request", None, details)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        return http_error_response(ClientClosedError("the client went away mid-request"))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = _CODE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}")
         return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(ImageError, image_error)
     app.add_exception_handler(EngineError, engine_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 
@@ -442,11 +477,8 @@ def _auth_dependencies(keys: Sequence[str]) -> list[Any]:
         # Compare with every key in constant time, so timing tells nothing about a near match.
         matches = [hmac.compare_digest(given.encode(), key) for key in accepted]
         if not given or not any(matches):
-            raise ApiError(
-                401,
-                "unauthenticated",
-                "a valid API key is required (Authorization: Bearer KEY, or X-API-Key: KEY)",
-                headers={"www-authenticate": "Bearer"},
+            raise UnauthenticatedError(
+                "a valid API key is required (Authorization: Bearer KEY, or X-API-Key: KEY)"
             )
 
     return [Depends(require_key)]

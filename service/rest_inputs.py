@@ -12,18 +12,20 @@
 Options given in the body override those in the query, which override the server's defaults. No
 boxes, or an empty list, means "find the persons" (the detector, or the whole image without one), as
 an empty ``repeated Box`` does over gRPC. The image bytes are decoded later, in the engine's decode
-pool (``service.images.decode_image``), whose format sniffing decides; the Content-Type only has to
-be plausible.
+pool (``service.uploads.decode_image``), whose format sniffing decides; the Content-Type only has to
+be plausible. The boxes and options are parsed here and validated once, by the engine
+(``service.validation``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -32,19 +34,14 @@ from starlette.datastructures import UploadFile
 
 from model.interfaces import PoseOptions
 from service.engine import PoseRequest
-from service.images import (
-    IMAGE_MEDIA_TYPES,
-    SUPPORTED_FORMATS,
-    ImageError,
-    sniff_format,
-    validate_boxes,
-)
-from service.rest_middleware import ApiError
+from service.errors import ImageError, InvalidRequestError
 from service.settings import Settings
+from service.uploads import IMAGE_MEDIA_TYPES, SUPPORTED_FORMATS, sniff_format
 
 Precision = Literal["fp32", "bf16", "fp16"]
-Box = Annotated[list[float], Field(min_length=4, max_length=5)]
 _M = TypeVar("_M", bound=BaseModel)
+# JSON and base64 larger than this are parsed in a thread, so that the event loop stays free.
+_PARSE_ON_LOOP_BYTES = 256 * 1024
 
 # Raw-body media types listed in the OpenAPI document.
 RAW_MEDIA_TYPES = (
@@ -70,7 +67,17 @@ class PoseOptionsIn(BaseModel):
     swap_flip_scores: bool | None = Field(None, description="corrected flip score merge")
 
 
-class PoseQuery(PoseOptionsIn):
+class BatchQuery(PoseOptionsIn):
+    """Query parameters of ``/v1/pose/batch``: the options, and what the answer carries."""
+
+    model_info: bool = Field(
+        True,
+        description="false leaves keypoint_names, skeleton and model out of each answer (they "
+        "are in GET /v1/models): lean answers for video and bulk clients",
+    )
+
+
+class PoseQuery(BatchQuery):
     """Query parameters of ``/v1/pose``: the options, and boxes for a raw image body."""
 
     boxes: str | None = Field(None, description="JSON list of [x, y, w, h(, score)] in pixels")
@@ -83,10 +90,18 @@ class RenderQuery(PoseQuery):
 
 
 class PoseJsonIn(PoseOptionsIn):
-    """``application/json`` body: the image as base64 (standard or URL-safe; a data URL works)."""
+    """``application/json`` body: the image as base64 (standard or URL-safe; a data URL works).
+
+    Strict types: JSON has booleans, so ``"flip_test": "yes"`` is refused, as gRPC would.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image: str = Field(..., description="base64 of the encoded image")
-    boxes: list[Box] | None = Field(None, description="[x, y, w, h(, score)] in pixels")
+    # Any: the engine validates boxes (one pass, the same checks over every transport).
+    boxes: list[Any] | None = Field(
+        None, description="[[x, y, w, h(, score)], ...] in pixels, score in [0, 1]"
+    )
 
 
 class InputReader:
@@ -106,12 +121,15 @@ class InputReader:
         defaults = _given(query)
         if ctype == "application/json":
             body = _model_of(PoseJsonIn, await _json_body(request))
-            return self.item(_b64decode(body.image), body.boxes, {**defaults, **_given(body)})
+            data = await _b64decode_off_loop(body.image)
+            return self.item(data, body.boxes, {**defaults, **_given(body)})
         if ctype == "multipart/form-data":
             async with request.form(max_files=4) as form:
                 parts = form.getlist("image")
                 if len(parts) != 1:
-                    raise ApiError(422, "invalid_request", "send exactly one 'image' file part")
+                    raise InvalidRequestError(
+                        "invalid_request", "send exactly one 'image' file part"
+                    )
                 fields = _form_fields(form, exclude=("image",))
                 boxes = _json_text(fields.pop("boxes", None) or query.boxes)
                 options = _given(_model_of(PoseOptionsIn, fields))
@@ -132,20 +150,23 @@ class InputReader:
         if ctype == "application/json":
             data = await _json_body(request)
             if not isinstance(data, list) or not data:
-                raise ApiError(422, "invalid_request", "the body must be a non-empty JSON list")
+                raise InvalidRequestError(
+                    "invalid_request", "the body must be a non-empty JSON list"
+                )
             self._check_count(len(data))
             bodies = [_model_of(PoseJsonIn, entry) for entry in data]
             return [
-                self.item(_b64decode(b.image), b.boxes, {**defaults, **_given(b)}) for b in bodies
+                self.item(await _b64decode_off_loop(b.image), b.boxes, {**defaults, **_given(b)})
+                for b in bodies
             ]
         if ctype != "multipart/form-data":
-            raise ApiError(
-                415, "unsupported_media_type", "a batch is multipart/form-data or a JSON list"
+            raise InvalidRequestError(
+                "unsupported_media_type", "a batch is multipart/form-data or a JSON list"
             )
         async with request.form(max_files=self.settings.max_images_per_request + 1) as form:
             parts = form.getlist("image")
             if not parts:
-                raise ApiError(422, "invalid_request", "send one or more 'image' file parts")
+                raise InvalidRequestError("invalid_request", "send one or more 'image' file parts")
             self._check_count(len(parts))
             fields = _form_fields(form, exclude=("image",))
             boxes = _json_text(fields.pop("boxes", None))
@@ -158,16 +179,13 @@ class InputReader:
             ]
 
     def item(self, data: bytes, boxes: Any, options: dict[str, Any]) -> PoseRequest:
-        """Validate and combine one image, its boxes and its options, with the request deadline."""
+        """Combine one image, its boxes and its options, with the request deadline."""
         if not data:
             raise ImageError("bad_image", "the image is empty")
-        tensor = None
-        if boxes is not None and boxes != []:
-            tensor = validate_boxes(boxes, max_boxes=self.settings.max_boxes)
         s = self.settings
         return PoseRequest(
             image=data,
-            boxes=tensor,
+            boxes=None if boxes is None or boxes == [] else boxes,
             options=PoseOptions(
                 flip_test=_pick(options, "flip_test", s.flip_test),
                 return_sigmas=_pick(options, "return_sigmas", False),
@@ -181,7 +199,9 @@ class InputReader:
     def _check_count(self, count: int) -> None:
         limit = self.settings.max_images_per_request
         if count > limit:
-            raise ApiError(413, "too_many_images", f"{count} images; at most {limit} per request")
+            raise InvalidRequestError(
+                "too_many_images", f"{count} images; at most {limit} per request"
+            )
 
 
 def openapi_body(*, batch: bool) -> dict[str, Any]:
@@ -222,8 +242,7 @@ def _check_raw_media_type(ctype: str) -> None:
     hint = ""
     if ctype == "application/x-www-form-urlencoded":
         hint = " (the body is not an image; curl: --data-binary @photo.jpg)"
-    raise ApiError(
-        415,
+    raise InvalidRequestError(
         "unsupported_media_type",
         f"unsupported Content-Type {ctype!r}: send an image (image/jpeg, image/png, image/webp, "
         f"image/bmp, image/gif, image/tiff), multipart/form-data or application/json{hint}",
@@ -243,20 +262,27 @@ def _given(model: BaseModel) -> dict[str, Any]:
 
 async def _json_body(request: Request) -> Any:
     body = await request.body()
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from exc
+    if len(body) > _PARSE_ON_LOOP_BYTES:  # a large body parses in a thread, not on the loop
+        return await asyncio.to_thread(_parse_json, body, "bad_json", "the body")
+    return _parse_json(body, "bad_json", "the body")
 
 
 def _json_text(text: str | None) -> Any:
     """Boxes sent as JSON text (query parameter or form field)."""
     if text is None or text == "":
         return None
+    return _parse_json(text, "bad_boxes", "boxes")
+
+
+def _parse_json(data: bytes | str, code: str, what: str) -> Any:
+    """JSON, or a 400 with ``code``: malformed, too deeply nested (Python's recursion limit, about
+    1,000 levels) or a number too large for the parser (over 4,300 digits)."""
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise ImageError("bad_boxes", f"boxes are not valid JSON: {exc}") from exc
+        return json.loads(data)
+    except RecursionError as exc:
+        raise InvalidRequestError(code, f"{what} is nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(code, f"{what} is not valid JSON: {str(exc)[:200]}") from exc
 
 
 def _model_of(model: type[_M], data: Any) -> _M:
@@ -273,17 +299,24 @@ def _form_fields(form: Any, *, exclude: Sequence[str]) -> dict[str, Any]:
         if key in exclude:
             continue
         if isinstance(value, UploadFile):
-            raise ApiError(422, "invalid_request", f"field {key!r} must be text, not a file")
+            raise InvalidRequestError("invalid_request", f"field {key!r} must be text, not a file")
         fields[key] = value
     return fields
 
 
 async def _file_bytes(part: Any) -> bytes:
     if not isinstance(part, UploadFile):
-        raise ApiError(
-            422, "invalid_request", "'image' must be a file part (curl: -F image=@photo.jpg)"
+        raise InvalidRequestError(
+            "invalid_request", "'image' must be a file part (curl: -F image=@photo.jpg)"
         )
     return await part.read()
+
+
+async def _b64decode_off_loop(text: str) -> bytes:
+    """``_b64decode``, in a thread when the text is large."""
+    if len(text) > _PARSE_ON_LOOP_BYTES:
+        return await asyncio.to_thread(_b64decode, text)
+    return _b64decode(text)
 
 
 def _b64decode(text: str) -> bytes:

@@ -9,13 +9,17 @@ reaches the routes untouched and a route can watch it for the client's disconnec
   unhandled exception (a JSON 500 carrying the request id).
 - ``BodyLimitMiddleware``: refuses a body over the limit by its Content-Length before reading any of
   it, and a streamed (chunked) body as soon as it passes the limit; both 413 with
-  ``Connection: close`` so that the rest of the upload is not read.
+  ``Connection: close`` so that the rest of the upload is not read. A body that does not arrive
+  within ``body_timeout_s`` (a slow or stalled client) gets 408, also with ``Connection: close``,
+  and request headers over ``max_header_bytes`` get 431.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -26,25 +30,13 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import EngineError
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, machine-readable code, message and extra headers."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 def error_response(
@@ -59,6 +51,30 @@ def error_response(
     if details is not None:
         error["details"] = details
     return JSONResponse({"error": error}, status_code=status, headers=dict(headers or {}))
+
+
+# Headers an error of a code always carries over HTTP.
+_HEADERS_OF_CODE: dict[str, dict[str, str]] = {
+    "body_too_large": {"connection": "close"},  # the rest of the upload is not read
+    "body_timeout": {"connection": "close"},
+    "headers_too_large": {"connection": "close"},
+    "unauthenticated": {"www-authenticate": "Bearer"},
+}
+
+
+def http_error_response(exc: EngineError, request_id: str = "?") -> JSONResponse:
+    """The HTTP answer of any ``EngineError``: its status from ``service.errors``' table, a
+    Retry-After for a refusal that may be retried, and the headers its code needs. A 500 hides
+    its cause (logged with the request id) from the client."""
+    status = exc.status.http
+    headers = dict(_HEADERS_OF_CODE.get(exc.code, {}))
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    message = exc.message
+    if status == 500:
+        logger.error("request failed", exc_info=exc, extra={"request_id": request_id})
+        message = f"internal error (request id {request_id})"
+    return error_response(status, exc.code, message, headers)
 
 
 class RequestContextMiddleware:
@@ -130,21 +146,36 @@ class BodyLimitMiddleware:
         max_body_bytes: largest body accepted.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+        max_header_bytes: int = 64 * 1024,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_header_bytes = max_header_bytes
 
-    def _too_large(self, size: str) -> ApiError:
-        return ApiError(
-            413,
-            "body_too_large",
+    def _too_large(self, size: str) -> EngineError:
+        return EngineError(
             f"the request body is {size}; the limit is {self.max_body_bytes} bytes",
-            headers={"connection": "close"},
+            code="body_too_large",
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        # uvicorn bounds a head that arrives in pieces; one that arrives whole is checked here.
+        head = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+        if head > self.max_header_bytes:
+            error = EngineError(
+                f"the request headers are {head} bytes; the limit is {self.max_header_bytes}",
+                code="headers_too_large",
+            )
+            await http_error_response(error)(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
@@ -153,16 +184,28 @@ class BodyLimitMiddleware:
                 await response(scope, receive, send)
                 return
             if int(declared) > self.max_body_bytes:
-                error = self._too_large(f"{int(declared)} bytes")
-                response = error_response(error.status, error.code, error.message, error.headers)
+                response = http_error_response(self._too_large(f"{int(declared)} bytes"))
                 await response(scope, receive, send)
                 return
         received = 0
+        deadline: float | None = None  # the whole body must arrive by then
+        done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, done
+            if done:  # the body is read: only the disconnect is left to wait for
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.body_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise EngineError(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s",
+                    code="body_timeout",
+                ) from None
             if message["type"] == "http.request":
+                done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise self._too_large(f"over {received} bytes")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -26,29 +27,28 @@ from typing import Any
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from model.interfaces import ImageResult, PoseOptions
-from service.engine import (
-    DeadlineExceededError,
-    Engine,
+from model.interfaces import ImageResult, ModelDescription, PoseOptions
+from service.engine import Engine, PoseRequest, PoseResponse
+from service.errors import (
     EngineError,
     EngineStoppedError,
-    InferenceError,
+    ImageError,
+    InvalidRequestError,
     NotReadyError,
-    PoseRequest,
-    PoseResponse,
-    QueueFullError,
 )
-from service.images import ImageError, validate_boxes
 from service.metrics import Metrics
 from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
 from service.settings import Settings
+from service.tracking import Smoothing, TrackedFrame, Tracker, TrackOptions, start_tracker
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pose_pb2.DESCRIPTOR.services_by_name["PoseService"].full_name
 _SERVICE_PREFIX = f"/{SERVICE_NAME}/"
+_CALL_DEADLINE_SLACK_S = 0.1
 _PRECISIONS = {
     pose_pb2.PRECISION_FP32: "fp32",
     pose_pb2.PRECISION_BF16: "bf16",
@@ -63,28 +63,24 @@ class _StreamUnavailable(Exception):
 
 
 def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """Map an error raised by parsing or by ``Engine.infer`` to (gRPC status, machine code)."""
-    if isinstance(exc, ImageError):
-        return grpc.StatusCode.INVALID_ARGUMENT, exc.code
-    if isinstance(exc, QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.code
-    if isinstance(exc, DeadlineExceededError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, exc.code
-    if isinstance(exc, NotReadyError | EngineStoppedError):
-        return grpc.StatusCode.UNAVAILABLE, exc.code
-    if isinstance(exc, InferenceError | EngineError):
-        return grpc.StatusCode.INTERNAL, exc.code
-    if isinstance(exc, ValueError):  # the engine's check of tensor shapes
-        return grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
+    """(gRPC status, machine code) of an error raised by parsing or by the engine, from the one
+    table in ``service.errors``; anything else is INTERNAL."""
+    if isinstance(exc, EngineError):
+        return grpc.StatusCode[exc.status.grpc], exc.code
     return grpc.StatusCode.INTERNAL, "internal"
 
 
 def _retry_metadata(exc: Exception) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata telling a refused client when to come back (like HTTP ``Retry-After``)."""
-    if not isinstance(exc, QueueFullError):
-        return ()
-    seconds = max(0.0, float(exc.retry_after_s))
+    """Trailing metadata: the error code, and when a refused client may come back (like HTTP
+    ``Retry-After``)."""
+    code = exc.code if isinstance(exc, EngineError) else "internal"
+    metadata: tuple[tuple[str, str], ...] = (("error-code", code),)
+    retry = exc.retry_after_s if isinstance(exc, EngineError) else None
+    if retry is None:
+        return metadata
+    seconds = max(0.0, float(retry))
     return (
+        *metadata,
         ("retry-after", str(max(1, math.ceil(seconds)))),
         ("grpc-retry-pushback-ms", str(int(seconds * 1000))),
     )
@@ -101,7 +97,7 @@ def _image_of(request: Any, max_image_pixels: int) -> bytes | torch.Tensor:
             raise ImageError("bad_image", "raw.width and raw.height must be positive")
         if width * height > max_image_pixels:
             raise ImageError(
-                "too_many_pixels", f"{width}x{height} is over {max_image_pixels} pixels", 413
+                "too_many_pixels", f"{width}x{height} is over {max_image_pixels} pixels"
             )
         if len(raw.rgb) != width * height * 3:
             raise ImageError(
@@ -116,26 +112,36 @@ def _image_of(request: Any, max_image_pixels: int) -> bytes | torch.Tensor:
     return bytes(request.image)
 
 
-def _boxes_of(request: Any, max_boxes: int) -> torch.Tensor | None:
-    """Caller boxes as validated float32 (M, 5); a box without a score gets 1 (as over HTTP)."""
+def _boxes_of(request: Any) -> list[list[float]] | None:
+    """Caller boxes as rows (the engine validates them); a box without a score gets 1."""
     if not request.boxes:
         return None
-    rows = [
+    return [
         [box.x, box.y, box.width, box.height] + ([box.score] if box.HasField("score") else [])
         for box in request.boxes
     ]
-    return validate_boxes(rows, max_boxes=max_boxes)
+
+
+def _precision_of(value: int, default: str) -> Any:
+    """The request's precision; an enum value this server does not know is passed on as text,
+    for the engine to refuse (``bad_options``), never silently replaced by the default."""
+    if value == pose_pb2.PRECISION_UNSPECIFIED:
+        return default
+    return _PRECISIONS.get(value, f"enum value {value}")  # type: ignore[call-overload]
 
 
 def _box(x: float, y: float, w: float, h: float, score: float) -> Any:
     return pose_pb2.Box(x=x, y=y, width=w, height=h, score=score)
 
 
-def response_to_proto(response: PoseResponse, frame_id: str, index: int) -> Any:
-    """Build the ``EstimateResponse`` of one engine answer."""
+def response_to_proto(
+    response: PoseResponse, frame_id: str, index: int, tracked: TrackedFrame | None = None
+) -> Any:
+    """Build the ``EstimateResponse`` of one engine answer (of a tracked stream's frame: with
+    ``track_id`` and ``detector_ran``)."""
     result: ImageResult = response.result
     persons = []
-    for person in result.persons:
+    for i, person in enumerate(result.persons):
         sigmas = person.sigmas
         keypoints = [
             pose_pb2.Keypoint(x=x, y=y, score=score)
@@ -147,7 +153,10 @@ def response_to_proto(response: PoseResponse, frame_id: str, index: int) -> Any:
         ]
         persons.append(
             pose_pb2.Person(
-                box=_box(*person.bbox, person.bbox_score), score=person.score, keypoints=keypoints
+                box=_box(*person.bbox, person.bbox_score),
+                score=person.score,
+                keypoints=keypoints,
+                track_id=None if tracked is None else tracked.track_ids[i],
             )
         )
     return pose_pb2.EstimateResponse(
@@ -157,23 +166,38 @@ def response_to_proto(response: PoseResponse, frame_id: str, index: int) -> Any:
         height=result.height,
         timing_ms=response.timing_ms,
         index=index,
+        detector_ran=tracked is not None and tracked.detector_ran,
     )
 
 
-def model_info_to_proto(info: dict[str, Any], settings: Settings) -> Any:
-    """Build ``ModelInfo`` from ``Engine.model_info()`` (pipeline ``describe()``) and settings.
+def tracker_of(request: Any, engine: Engine, settings: Settings) -> Tracker:
+    """The tracker a stream's first request asks for (``track``, ``detect_every``, ``smoothing``).
+
+    Raises:
+        InvalidRequestError: ``bad_options``: a value out of range.
+    """
+    smoothing = None
+    if request.HasField("smoothing"):
+        given = request.smoothing
+        names = ("min_cutoff", "beta", "d_cutoff", "fps")
+        smoothing = Smoothing(**{n: getattr(given, n) for n in names if given.HasField(n)})
+    options = TrackOptions(detect_every=request.detect_every, smoothing=smoothing)
+    return start_tracker(engine, options, settings)
+
+
+def model_info_to_proto(info: ModelDescription, settings: Settings) -> Any:
+    """Build ``ModelInfo`` from ``Engine.model_info()`` and the settings.
 
     Defaults, devices and limits come from the settings: they are what a request gets.
     """
-    input_size = info.get("input_size") or (0, 0)
     message = pose_pb2.ModelInfo(
-        model=str(info.get("model") or info.get("name") or ""),
-        weights_sha256=str(info.get("weights_sha256") or ""),
-        input_width=int(input_size[0]),
-        input_height=int(input_size[1]),
-        keypoint_names=[str(name) for name in info.get("keypoint_names") or ()],
-        skeleton=[pose_pb2.Edge(a=int(a), b=int(b)) for a, b in info.get("skeleton") or ()],
-        detector=str(info.get("detector") or ""),
+        model=info.model,
+        weights_sha256=info.weights_sha256 or "",
+        input_width=int(info.input_size[0]),
+        input_height=int(info.input_size[1]),
+        keypoint_names=list(info.keypoint_names),
+        skeleton=[pose_pb2.Edge(a=int(a), b=int(b)) for a, b in info.skeleton],
+        detector=info.detector or "",
         devices=settings.devices(),
         default_flip_test=settings.flip_test,
         default_precision=settings.precision,
@@ -182,8 +206,8 @@ def model_info_to_proto(info: dict[str, Any], settings: Settings) -> Any:
         max_message_bytes=settings.grpc_max_message_bytes,
         max_image_pixels=settings.max_image_pixels,
     )
-    # A JSON round trip turns tuples, paths and other non-JSON values into what Struct accepts.
-    message.details.update(json.loads(json.dumps(info, default=str)))
+    # A JSON round trip turns non-finite floats and other non-JSON values into what Struct takes.
+    message.details.update(json.loads(json.dumps(info.to_dict(), default=str)))
     return message
 
 
@@ -204,24 +228,28 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
         """Engine deadline (``time.monotonic()``): the client's, capped by the request timeout."""
         budget_s = self._settings.request_timeout_ms / 1000.0
         remaining = context.time_remaining()
-        if remaining is not None:
-            budget_s = min(budget_s, max(0.0, remaining))
+        if remaining is not None and remaining < budget_s:
+            # The call's own deadline binds: gRPC ends the call then (DEADLINE_EXCEEDED, and the
+            # cancellation drops its jobs); the engine's timer is only the backstop, so that a
+            # stream is not answered frame by frame with errors racing the call's end.
+            budget_s = max(0.0, remaining) + _CALL_DEADLINE_SLACK_S
         return time.monotonic() + budget_s
 
-    def _pose_request(self, request: Any, deadline: float) -> PoseRequest:
+    def _pose_request(self, request: Any, deadline: float, source: str = "") -> PoseRequest:
         settings = self._settings
         options = PoseOptions(
             flip_test=request.flip_test if request.HasField("flip_test") else settings.flip_test,
             return_sigmas=request.return_sigmas,
             oks_nms=request.oks_nms,
-            precision=_PRECISIONS.get(request.precision, settings.precision),  # type: ignore[arg-type]
+            precision=_precision_of(request.precision, settings.precision),
             swap_flip_scores=request.swap_flip_scores,
         )
         return PoseRequest(
             image=_image_of(request, settings.max_image_pixels),
-            boxes=_boxes_of(request, settings.max_boxes),
+            boxes=_boxes_of(request),
             options=options,
             deadline=deadline,
+            source=source,
         )
 
     async def Estimate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -230,8 +258,10 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
         code = grpc.StatusCode.CANCELLED  # unless it gets further: the client went away
         try:
             try:
+                if request.track:
+                    raise InvalidRequestError("bad_options", "track needs StreamEstimate")
                 response = await self._engine.infer(
-                    self._pose_request(request, self._deadline(context))
+                    self._pose_request(request, self._deadline(context), _source_of(context))
                 )
             except Exception as exc:
                 code, reason = _status_of(exc)
@@ -248,12 +278,27 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
                 code = grpc.StatusCode.DEADLINE_EXCEEDED  # gRPC cancelled us at the deadline
             self._observe(code, t0)
 
-    async def _frame(self, request: Any, index: int, deadline: float) -> Any:
+    async def _frame(
+        self,
+        request: Any,
+        index: int,
+        deadline: float,
+        source: str = "",
+        tracker: Tracker | None = None,
+    ) -> Any:
         """One stream frame: its response, or a response carrying the error; never raises for a
-        bad frame. Raises ``_StreamUnavailable`` when the engine no longer takes work."""
+        bad frame. Raises ``_StreamUnavailable`` when the engine no longer takes work. A tracked
+        frame goes to its ``tracker`` (at once, before any await: frames reach it in order)."""
         t0 = time.monotonic()
+        tracked = None
         try:
-            response = await self._engine.infer(self._pose_request(request, deadline))
+            pose_request = self._pose_request(request, deadline, source)
+            if tracker is None:
+                response = await self._engine.infer(pose_request)
+            else:
+                stamp = request.timestamp_ms if request.HasField("timestamp_ms") else None
+                tracked = await tracker.submit(pose_request, index=index, timestamp_ms=stamp)
+                response = tracked.response
         except (NotReadyError, EngineStoppedError) as exc:
             self._observe(grpc.StatusCode.UNAVAILABLE, t0)
             raise _StreamUnavailable(f"{exc.code}: {exc}") from exc
@@ -270,7 +315,7 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
             )
             return pose_pb2.EstimateResponse(frame_id=request.frame_id, error=error, index=index)
         self._observe(grpc.StatusCode.OK, t0)
-        return response_to_proto(response, request.frame_id, index)
+        return response_to_proto(response, request.frame_id, index, tracked)
 
     async def _read_frames(
         self,
@@ -282,6 +327,8 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
         """Read frames while a window slot is free; queue their engine tasks in request order."""
         iterator = aiter(requests)
         index = 0
+        source = f"stream:{id(iterator)}"  # each stream is its own source of work
+        tracker: Tracker | None = None
         try:
             while True:
                 await slots.acquire()  # the window is full: stop reading (flow control)
@@ -291,7 +338,10 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
                     slots.release()
                     return
                 deadline = self._deadline(context)
-                pending.put_nowait(asyncio.create_task(self._frame(request, index, deadline)))
+                if index == 0 and request.track:  # the first frame sets the stream's tracking
+                    tracker = tracker_of(request, self._engine, self._settings)
+                frame = self._frame(request, index, deadline, source, tracker)
+                pending.put_nowait(asyncio.create_task(frame))
                 index += 1
         finally:
             pending.put_nowait(None)
@@ -314,7 +364,10 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                 yield response
                 slots.release()
-            await reader  # re-raises a failure of the request stream
+            try:
+                await reader  # re-raises a failure of the request stream
+            except InvalidRequestError as exc:  # the first frame's tracking options
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.code}: {exc}")
         finally:
             # Cancelled stream (or abort): drop every frame that has not been answered. Cancelling
             # a task awaiting Engine.infer drops its job before it reaches the pipeline.
@@ -341,43 +394,12 @@ class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
         return model_info_to_proto(info, self._settings)
 
 
-class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """``grpc.health.v1.Health`` whose status is set synchronously by ``set(serving)``.
-
-    Knows the overall service ``""`` and ``pose.v1.PoseService``; both start NOT_SERVING.
-    """
-
-    def __init__(self) -> None:
-        self._status = {"": _NOT_SERVING, SERVICE_NAME: _NOT_SERVING}
-        self._changed = asyncio.Event()
-
-    def set(self, serving: bool) -> None:
-        """Mark every known service SERVING or NOT_SERVING and wake the watchers."""
-        status = _SERVING if serving else _NOT_SERVING
-        for name in self._status:
-            self._status[name] = status
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The current status, or NOT_FOUND for an unknown service."""
-        status = self._status.get(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """The current status, then every change, until the client goes away."""
-        last = None
-        while True:
-            changed = self._changed
-            status = self._status.get(
-                request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-            )
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await changed.wait()
+def _source_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for fair batching: the API key's digest when one is sent, else the peer."""
+    key = _api_key_of(context.invocation_metadata())
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return str(context.peer())
 
 
 def _api_key_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -449,7 +471,7 @@ class GrpcServer:
         self._engine = engine
         self._settings = settings
         self._metrics = metrics
-        self._health = HealthServicer()
+        self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
 
@@ -463,6 +485,7 @@ class GrpcServer:
     async def start(self) -> None:
         """Bind and start serving; health stays NOT_SERVING until ``set_serving(True)``."""
         settings = self._settings
+        await self.set_serving(False)
         max_bytes = int(settings.grpc_max_message_bytes)
         interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
         server = grpc.aio.server(
@@ -471,6 +494,17 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
                 ("grpc.so_reuseport", 0),
+                # Connection bounds: streams per connection, idle and age limits, and keepalive
+                # enforcement (a client pinging more often is sent GOAWAY).
+                ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+                ("grpc.max_connection_idle_ms", _ms(settings.grpc_max_connection_idle_s)),
+                ("grpc.max_connection_age_ms", _ms(settings.grpc_max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", _ms(settings.drain_grace_s)),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    _ms(settings.grpc_keepalive_min_interval_s),
+                ),
+                ("grpc.http2.max_ping_strikes", 2),
             ],
         )
         pose_pb2_grpc.add_PoseServiceServicer_to_server(
@@ -494,13 +528,16 @@ class GrpcServer:
         self._server = server
         logger.info("gRPC listening on %s (port %d)", host, self._port)
 
-    def set_serving(self, serving: bool) -> None:
-        """grpc.health.v1 status: SERVING after warm-up, NOT_SERVING while draining."""
-        self._health.set(serving)
+    async def set_serving(self, serving: bool) -> None:
+        """grpc.health.v1 status of the whole server ("") and of ``pose.v1.PoseService``:
+        SERVING after warm-up, NOT_SERVING while draining."""
+        status = _SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
 
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, then stop: running calls get ``grace_s`` seconds, new ones are refused."""
-        self._health.set(False)
+        await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -509,6 +546,10 @@ class GrpcServer:
         """Block until the server stops."""
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 def create_grpc_server(

@@ -5,7 +5,8 @@ variables > defaults. Misspelt keys are errors, not silently ignored: an unknown
 by pydantic (``extra="forbid"``), an unknown ``POSE_*`` environment variable by ``_check_environ``
 (pydantic-settings itself ignores unknown environment variables). The only ``POSE_*`` names let
 through are those Kubernetes injects for a Service called ``pose`` (``POSE_SERVICE_HOST``,
-``POSE_PORT_8000_TCP``, ...), so a pod in such a namespace still starts.
+``POSE_PORT_8000_TCP``, ...), so a pod in such a namespace still starts, and ``POSE_API_KEY``, the
+client's key (``pose-client``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from service.validation import RequestLimits
+
 ENV_PREFIX = "POSE_"
 MIB = 1024 * 1024
 
@@ -33,6 +36,9 @@ _SERVICE_LINK = re.compile(
     r"^POSE_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$"
 )
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# The client's key (``pose-client``, ``service.client.cli``): not a setting, but may share the
+# server's environment (a sidecar, a shell that runs both), so it is let through.
+_CLIENT_VARIABLES = frozenset({"POSE_API_KEY"})
 
 
 class UnknownSettingError(ValueError):
@@ -67,7 +73,15 @@ class Settings(BaseSettings):
         default="cpu", description="cpu, cuda, cuda:N, or a comma list (one worker each)"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="default compute precision on CUDA (CPU always runs fp32)"
+        default="fp32",
+        description="default compute precision on CUDA; on CPU fp32, except bf16 with the "
+        "openvino backend on a CPU that has bf16",
+    )
+    backend: Literal["torch", "openvino", "onnxruntime", "auto"] = Field(
+        default="auto",
+        description="what runs the networks: torch, or the exported ONNX graph under openvino or "
+        "onnxruntime (CPU only); auto: on CPU openvino, else onnxruntime, else torch (whichever "
+        "is installed: the cpu-fast extra), on CUDA torch",
     )
     flip_test: bool = Field(default=True, description="default for flip test (the paper's setting)")
     allow_random_weights: bool = Field(
@@ -120,6 +134,12 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="how long a batch's first image waits"
     )
     max_queue_size: int = Field(default=128, ge=1, description="queued images before 429")
+    max_queue_wait_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="refuse (429) a request expected to wait longer than this in the queue "
+        "(default: only one that would miss its deadline)",
+    )
     max_crops_per_batch: int = Field(
         default=256, ge=1, description="most person crops in one forward"
     )
@@ -139,13 +159,69 @@ class Settings(BaseSettings):
     # Limits of one request.
     max_body_bytes: int = Field(default=32 * MIB, ge=1, description="largest HTTP request body")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="largest width x height")
+    max_inflight_image_bytes: int = Field(
+        default=1024 * MIB,
+        ge=1,
+        description="most bytes of decoded images held by admitted requests; beyond it 429",
+    )
     max_boxes: int = Field(default=100, ge=1, description="most caller boxes per image")
+    min_box_size_px: float = Field(
+        default=2.0, gt=0, le=1e7, description="smallest caller box width and height, in pixels"
+    )
     max_images_per_request: int = Field(
         default=32, ge=1, description="most images per batch request"
     )
     request_timeout_ms: int = Field(default=30_000, ge=1, description="deadline of one request")
     grpc_max_message_bytes: int = Field(default=32 * MIB, ge=1, description="largest gRPC message")
     stream_window: int = Field(default=8, ge=1, description="frames in flight per gRPC stream")
+
+    # Video: tracked streams and video files (``service.tracking``, ``POST /v1/pose/video``).
+    track_max_unseen_frames: int = Field(
+        default=30, ge=0, le=100_000, description="a track unseen for more frames is retired"
+    )
+    track_min_score: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="a person on tracked boxes scoring below this (mean keypoint score) is lost: "
+        "the detector runs on the next frame",
+    )
+    max_video_frames: int = Field(
+        default=18_000, ge=1, description="most frames of one video file (POST /v1/pose/video)"
+    )
+    max_video_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="longest video file, in seconds of video (POST /v1/pose/video)",
+    )
+
+    # Connections: what one client may hold open, and for how long.
+    http_max_connections: int = Field(
+        default=1000, ge=1, description="HTTP connections and requests at once; beyond it 503"
+    )
+    http_keepalive_timeout_s: int = Field(
+        default=5, ge=1, description="an idle HTTP keep-alive connection is closed after this"
+    )
+    http_max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="largest HTTP request head (line and headers)"
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0, gt=0, description="the whole request body must arrive within this (408)"
+    )
+    grpc_max_concurrent_streams: int = Field(
+        default=100, ge=1, description="concurrent calls and streams per gRPC connection"
+    )
+    grpc_max_connection_idle_s: float = Field(
+        default=300.0, gt=0, description="a gRPC connection with no call is closed after this"
+    )
+    grpc_max_connection_age_s: float = Field(
+        default=3600.0, gt=0, description="a gRPC connection is asked to reconnect after this"
+    )
+    grpc_keepalive_min_interval_s: float = Field(
+        default=10.0, gt=0, description="clients pinging more often than this are disconnected"
+    )
 
     # Access and logs.
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -229,6 +305,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    def request_limits(self) -> RequestLimits:
+        """What one request may ask for, as the engine checks it."""
+        return RequestLimits(max_boxes=self.max_boxes, min_box_size_px=self.min_box_size_px)
+
     def devices(self) -> list[str]:
         """The engine's devices, one worker each (``["cpu"]``, ``["cuda:0", "cuda:1"]``)."""
         return self.device.split(",")
@@ -254,6 +334,8 @@ def _check_environ(environ: Mapping[str, str], fields: set[str]) -> None:
     for key in environ:
         upper = key.upper()
         if not upper.startswith(ENV_PREFIX) or _SERVICE_LINK.match(upper):
+            continue
+        if upper in _CLIENT_VARIABLES:
             continue
         if upper[len(ENV_PREFIX) :].lower() not in fields:
             unknown.append(key)

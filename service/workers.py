@@ -26,18 +26,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
-from model.interfaces import BatchStats, ImageResult, PipelineItem
+from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem
 from service.batching import BatchQueue, Job
-from service.images import EncodedJpeg, ImageError, ImageHeader, decode_jpegs, sample_jpeg
+from service.errors import ImageError
+from service.gpu_decode import EncodedJpeg, ImageHeader, decode_jpegs, sample_jpeg
 
 __all__ = ["DeviceDecoder", "DeviceDecoding", "Pipeline", "WorkerPool", "is_oom", "plan_decoding"]
 
 # (JPEG files as 1-D uint8 CPU tensors, device) -> (3, H, W) uint8 RGB tensors on the device, in
-# order; all or nothing (``service.images.decode_jpegs``).
+# order; all or nothing (``service.gpu_decode.decode_jpegs``).
 DeviceDecoder = Callable[[Sequence[torch.Tensor], torch.device], list[torch.Tensor]]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Pipeline(Protocol):
         """Run a tiny dummy batch through every stage."""
         ...
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelDescription:
         """JSON-able description of the model, weights, detector and device."""
         ...
 
@@ -242,6 +243,8 @@ class WorkerPool:
                         except Exception as exc:  # a bug in a callback must not kill the worker
                             logger.exception("worker on %s: unexpected error", device)
                             self._on_failure(batch, exc)
+                        finally:
+                            self._queue.finished(batch)
         except BaseException as exc:
             if reported:
                 logger.exception("worker on %s died", device)

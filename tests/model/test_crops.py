@@ -65,8 +65,13 @@ def test_boxes_to_center_scale_fixes_the_aspect_and_pads() -> None:
     # wide box: h = w / 0.75; tall box: w = h * 0.75; then / 200 and * 1.25
     torch.testing.assert_close(scales[0], torch.tensor([1.875, 2.5]), rtol=0, atol=0)
     torch.testing.assert_close(scales[1], torch.tensor([1.875, 2.5]), rtol=0, atol=0)
-    square, _ = crops.boxes_to_center_scale(boxes, 1.0, padding=1.0)
-    assert square.shape == (2, 2)
+    # square crop, no padding: the wide box grows to 300 x 300, the tall one to 400 x 400
+    square_centers, square = crops.boxes_to_center_scale(boxes, 1.0, padding=1.0)
+    assert square_centers.tolist() == centers.tolist()
+    assert square.tolist() == [[1.5, 1.5], [2.0, 2.0]]
+    # an exact-aspect box is left as it is (neither branch), then padded
+    _, exact = crops.boxes_to_center_scale(torch.tensor([[0.0, 0.0, 150.0, 200.0]]), 0.75)
+    assert exact.tolist() == [[0.75 * 1.25, 1.0 * 1.25]]
 
 
 def test_affine_is_the_official_closed_form_without_rotation() -> None:
@@ -244,7 +249,11 @@ def test_merge_flip_score_quirk_and_per_crop_correction() -> None:
     assert torch.equal(fixed, (s + sf[:, index]) / 2)
     _, mixed = crops.merge_flip(c, s, cf, sf, index, swap_scores=torch.tensor([True, False, True]))
     assert torch.equal(mixed[0], fixed[0]) and torch.equal(mixed[1], quirk[1])
-    assert torch.equal(coords, (c + crops.flip_back(cf, index)) / 2)
+    # coordinates: the mirrored pass swapped left/right by hand (COCO pairs) and x -> 1 - x
+    coco_swap = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
+    unflipped = torch.stack((1 - cf[:, coco_swap, 0], cf[:, coco_swap, 1]), dim=-1)
+    torch.testing.assert_close(coords, (c + unflipped) / 2, rtol=0, atol=1e-7)
+    assert coords[1, 5, 0].item() == pytest.approx((c[1, 5, 0] + 1 - cf[1, 6, 0]).item() / 2)
 
 
 def test_instance_scores_official_rule_never_nan() -> None:

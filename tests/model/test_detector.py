@@ -218,7 +218,7 @@ def test_build_pipeline_with_a_torchvision_detector(ssd_file: Path) -> None:
         detector_settings={"max_persons": 2, "score_threshold": 0.5},
     )
     assert pipe.detector is not None and pipe.detector.max_persons == 2
-    assert pipe.describe()["detector"] == SSD
+    assert pipe.describe().detector == SSD
     (result,), stats = pipe.run([PipelineItem(image=images()[0])])
     assert stats.detect_images == 1 and len(result.persons) <= 2
     assert [p.score for p in result.persons] == sorted(

@@ -136,9 +136,16 @@ def test_create_model_and_direct_pipeline_agree(
     assert (keypoint_tensor(result.persons) - ref).abs().max().item() <= XY_TOL_PX
 
 
+# Reduced precision against CPU fp32 on the golden image (boxes 180 x 330 and 300 x 200 px):
+# max |dxy| px and max |dscore|. Not measured on a GPU yet; the bounds are 2-3x what the same
+# pipeline gives under CPU autocast (bf16 1.89 px / 0.0105, fp16 0.143 px / 0.0014), a
+# placeholder until a CUDA run replaces them with its own figures.
+REDUCED_PRECISION_TOL = {"fp32": (1e-3, 1e-4), "bf16": (4.0, 0.03), "fp16": (0.5, 0.005)}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_fp32_matches_cpu_and_reports_bf16(
+def test_cuda_fp32_matches_cpu_and_bf16_fp16_stay_close(
     pipeline: TopDownPipeline, distilpose_s_checkpoint: Path, golden: dict
 ) -> None:
     gpu = build_pipeline(
@@ -151,12 +158,12 @@ def test_cuda_fp32_matches_cpu_and_reports_bf16(
     image, boxes = rgb_chw(golden), golden["boxes_xywh_score"]
     (cpu,), _ = pipeline.run([PipelineItem(image=image, boxes=boxes)])
     ref = keypoint_tensor(cpu.persons)
-    errors = {}
+    errors, outputs = {}, {}
     for precision in ("fp32", "bf16", "fp16"):
         (res,), _ = gpu.run(
             [PipelineItem(image=image, boxes=boxes, options=PoseOptions(precision=precision))]
         )
-        got = keypoint_tensor(res.persons)
+        got = outputs[precision] = keypoint_tensor(res.persons)
         errors[precision] = (
             (got[..., :2] - ref[..., :2]).abs().max().item(),
             (got[..., 2] - ref[..., 2]).abs().max().item(),
@@ -167,4 +174,10 @@ def test_cuda_fp32_matches_cpu_and_reports_bf16(
         )
     golden_err = (ref[..., :2] - golden["keypoints_xy_score"][..., :2]).abs().max().item()
     print(f"CPU vs golden: {golden_err:.3e} px")
-    assert errors["fp32"][0] <= 1e-3 and errors["fp32"][1] <= 1e-4
+    for precision, (xy_tol, score_tol) in REDUCED_PRECISION_TOL.items():
+        xy, score = errors[precision]
+        assert xy <= xy_tol and score <= score_tol, (precision, errors[precision])
+    # bf16 and fp16 really ran in reduced precision (a silently ignored option gives fp32 back)
+    assert not torch.equal(outputs["bf16"], outputs["fp32"])
+    assert not torch.equal(outputs["fp16"], outputs["fp32"])
+    assert not torch.equal(outputs["bf16"], outputs["fp16"])

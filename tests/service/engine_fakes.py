@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from model.interfaces import BatchStats, ImageResult, Person, PipelineItem
+from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
 from service.engine import Engine, EngineConfig, NoopObserver, PoseRequest, PoseResponse
-from service.images import ImageError
+from service.errors import ImageError
+from tests.service.descriptions import fake_description
 
 WAIT_S = 30.0  # upper bound for any wait in the fakes: a failing test fails, it does not hang
 
@@ -80,8 +81,8 @@ class FakePipeline:
         if self.rec.warmup_gate is not None:
             assert self.rec.warmup_gate.wait(WAIT_S)
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": "fake", "instance": id(self)}
+    def describe(self) -> ModelDescription:
+        return fake_description("fake", weights_sha256=str(id(self)))
 
     def run(self, items: list[PipelineItem]) -> tuple[list[ImageResult], BatchStats]:
         ids = [id_of(item.image) for item in items]

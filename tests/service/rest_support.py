@@ -12,6 +12,7 @@ server decodes them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -27,11 +28,11 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from model.interfaces import BatchStats, ImageResult, Person, PipelineItem
-from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
 from service.engine import Engine, EngineConfig, EngineObserver
-from service.images import decode_image
 from service.settings import Settings
+from service.uploads import decode_image
+from tests.service.descriptions import fake_description
 
 START_TIMEOUT_S = 60.0
 
@@ -159,16 +160,8 @@ class SlowPipeline:
         if self.warmup_gate is not None:
             self.warmup_gate.wait(START_TIMEOUT_S)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": "fake",
-            "weights_sha256": None,
-            "input_size": [192, 256],
-            "keypoint_names": list(COCO_KEYPOINT_NAMES),
-            "skeleton": [list(pair) for pair in COCO_SKELETON],
-            "detector": None,
-            "device": "cpu",
-        }
+    def describe(self) -> ModelDescription:
+        return fake_description("fake")
 
     def run(self, items: list[PipelineItem]) -> tuple[list[ImageResult], BatchStats]:
         with self.lock:
@@ -224,7 +217,7 @@ def cpu_pipeline_engine(
     return Engine(
         factory,
         ["cpu"],
-        config,
+        dataclasses.replace(config, limits=settings.request_limits()),
         decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
         observer=observer,
     )

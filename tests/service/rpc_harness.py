@@ -22,14 +22,14 @@ import torch
 import uvicorn
 from PIL import Image
 
-from model.interfaces import BatchStats, ImageResult, Person, PipelineItem
-from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
 from service.engine import Engine, EngineConfig
-from service.images import decode_image
 from service.pb.pose.v1 import pose_pb2_grpc
 from service.rest import create_app
 from service.rpc import GrpcServer, create_grpc_server
 from service.settings import Settings
+from service.uploads import decode_image
+from tests.service.descriptions import fake_description
 
 # How long a held pipeline waits for its gate before giving up (keeps a broken test from hanging).
 GATE_TIMEOUT_S = 20.0
@@ -55,19 +55,9 @@ class FakePipeline:
     def warmup(self) -> None:
         """Nothing to warm."""
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelDescription:
         """What ``TopDownPipeline.describe()`` reports, with fake values."""
-        return {
-            "model": "fake",
-            "variant": "fake",
-            "weights_sha256": "0" * 64,
-            "input_size": (192, 256),
-            "keypoint_names": list(COCO_KEYPOINT_NAMES),
-            "skeleton": [list(edge) for edge in COCO_SKELETON],
-            "detector": None,
-            "device": "cpu",
-            "defaults": {"flip_test": True, "precision": "fp32"},
-        }
+        return fake_description("fake", weights_sha256="0" * 64)
 
     def run(self, items: list[PipelineItem]) -> tuple[list[ImageResult], BatchStats]:
         """One person per box (or the whole image); keypoint k at (x + k, y + mean pixel), score k/8
@@ -137,6 +127,7 @@ def engine_for(pipeline: Any, settings: Settings, *, max_delay_ms: float = 0.0) 
         decode_workers=1,
         warmup=True,
         drain_grace_s=settings.drain_grace_s,
+        limits=settings.request_limits(),
     )
     decoder = functools.partial(decode_image, max_pixels=settings.max_image_pixels)
     return Engine(lambda device: pipeline, ["cpu"], config, decoder=decoder)
@@ -223,7 +214,7 @@ async def serving(
     await server.start()
     if start_engine:
         await engine.start()
-        server.set_serving(True)
+        await server.set_serving(True)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         async with contextlib.AsyncExitStack() as stack:

@@ -151,13 +151,24 @@ def test_model_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     given = cli.choose_model(Settings(weights=str(weights), **base))
     assert (given.model, given.weights, given.detector) == (None, str(weights), None)
     torchvision = Settings(
-        weights=str(weights), detector="fasterrcnn_resnet50_fpn", detector_weights="DEFAULT", **base
+        weights=str(weights),
+        detector="fasterrcnn_resnet50_fpn_v2",
+        detector_weights="DEFAULT",
+        **base,
     )
     assert cli.choose_model(torchvision).detector_weights == "DEFAULT"  # an enum name, not a file
     unnamed = torchvision.model_copy(update={"detector_weights": None})
     assert cli.choose_model(unnamed).detector_weights == "DEFAULT"  # published weights, not random
     with pytest.raises(cli.SetupError, match="detector-weights"):
         cli.choose_model(torchvision.model_copy(update={"detector_weights": "/no/such.pth"}))
+    # A qualified torchvision weights name is a name, not a missing file.
+    qualified = "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"
+    ssd = torchvision.model_copy(
+        update={"detector": "ssdlite320_mobilenet_v3_large", "detector_weights": qualified}
+    )
+    assert cli.choose_model(ssd).detector_weights == qualified
+    with pytest.raises(cli.SetupError, match="unknown detector 'yolo'"):
+        cli.choose_model(torchvision.model_copy(update={"detector": "yolo"}))
 
     fake_reference(monkeypatch, tmp_path / "cache", available=True)
     default = cli.choose_model(Settings(**base))
@@ -239,10 +250,8 @@ def test_detector_setting_names_are_the_detectors_keywords() -> None:
 def test_detector_settings_reach_build_pipeline(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import model.pipeline
-
     calls: list[dict[str, object]] = []
-    monkeypatch.setattr(model.pipeline, "build_pipeline", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(cli, "build_pipeline", lambda **kw: calls.append(kw))
     fake_reference(monkeypatch, tmp_path / "cache", available=True)
     base: dict[str, object] = {"cache_dir": str(tmp_path / "cache"), "model": "distilpose_s"}
     base["allow_random_weights"] = True
@@ -412,6 +421,9 @@ def test_logs_are_one_json_object_per_line() -> None:
     assert "ValueError: boom" in entry["exc"]
 
 
+# A real server subprocess (imports, weights, warm-up, drain): 6-37 s measured on 2 loaded cores,
+# so twice the default timeout.
+@pytest.mark.timeout(120)
 def test_pose_service_serve_end_to_end_with_sigterm(
     distilpose_s_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -1,5 +1,5 @@
 """``service.client`` (the async API and ``pose-client``) against real gRPC and HTTP servers on
-localhost ports over one engine with a fake pipeline; ``service.client_media`` on made-up files."""
+localhost ports over one engine with a fake pipeline; ``service.client.media`` on made-up files."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import client as pose_client
 from service.client import (
     Frame,
     GrpcPoseClient,
@@ -23,7 +22,9 @@ from service.client import (
     PoseClientError,
     connect,
 )
-from service.client_media import is_video, short_floats, split_mjpeg, video_frames
+from service.client import cli as pose_client
+from service.client.media import is_video, split_mjpeg, video_frames
+from service.client.results import short_floats
 from tests.service.rpc_harness import png_bytes, serving
 
 
@@ -202,7 +203,7 @@ async def test_cli_image_folder_video_and_render(transport: str, tmp_path: Path)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(line["source"], line["frame_id"]) for line in lines] == [
         (str(folder / "01.png"), "01.png"),
-        *[(str(folder), f"{i:02d}.png") for i in range(3)],
+        *[(str(folder / f"{i:02d}.png"), f"{i:02d}.png") for i in range(3)],  # per-file source
         *[(str(video), f"clip.mjpeg#{i:06d}") for i in range(5)],
     ]
     assert lines[0]["persons"][0]["bbox"] == [1, 1, 8, 8]  # --boxes for a single image

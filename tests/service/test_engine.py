@@ -19,7 +19,7 @@ from service.engine import (
     PoseRequest,
     QueueFullError,
 )
-from service.images import ImageError
+from service.errors import ImageError
 from tests.service.engine_fakes import (
     WAIT_S,
     FakeDecoder,
@@ -164,6 +164,37 @@ async def test_unusable_tensor_or_boxes_are_refused_before_queueing(
         options = PoseOptions(precision="fp8")  # type: ignore[arg-type]
         await engine.infer(PoseRequest(image=image_for(1), options=options))
     assert rec.attempts == []
+
+
+async def test_boxes_outside_the_image_are_refused_on_every_side(make_engine: MakeEngine) -> None:
+    """A caller box must overlap the image: one past any edge (or starting exactly on the right
+    or bottom edge) is refused, one overlapping an edge by half a pixel is run."""
+    rec = Recorder()
+    engine = await make_engine(rec)
+    image = torch.zeros((3, 30, 40), dtype=torch.uint8)  # W 40, H 30; answers as job 0
+    outside = {
+        "right": [40.0, 5.0, 10.0, 10.0],  # x >= W
+        "below": [5.0, 30.0, 10.0, 10.0],  # y >= H
+        "left": [-10.0, 5.0, 10.0, 10.0],  # x + w <= 0
+        "above": [5.0, -10.0, 10.0, 10.0],  # y + h <= 0
+    }
+    inside = [[5.0, 5.0, 10.0, 10.0]]
+    for side, box in outside.items():
+        with pytest.raises(ImageError) as refused:
+            await engine.infer(PoseRequest(image=image, boxes=[*inside, box]))
+        assert refused.value.code == "bad_boxes", side
+        assert "box 1" in str(refused.value), (side, str(refused.value))
+    # the same check once the size is known from decoding (b"img:3" is 4 x 2 pixels)
+    for box in ([0.0, 2.0, 2.0, 2.0], [0.0, -2.0, 2.0, 2.0], [4.0, 0.0, 2.0, 2.0]):
+        with pytest.raises(ImageError, match="box 0"):
+            await engine.infer(PoseRequest(image=b"img:3", boxes=[box]))
+    assert rec.attempts == []
+    overlapping = [[39.5, 5.0, 10.0, 10.0], [5.0, 29.5, 10.0, 10.0]]
+    overlapping += [[-9.5, 5.0, 10.0, 10.0], [5.0, -9.5, 10.0, 10.0]]
+    assert answered_id(await engine.infer(PoseRequest(image=image, boxes=overlapping))) == 0
+    answer = await engine.infer(PoseRequest(image=b"img:3", boxes=[[3.5, 1.5, 2.0, 2.0]]))
+    assert answered_id(answer) == 3
+    assert rec.attempts == [[0], [3]]
 
 
 async def test_one_pipeline_per_device_pulling_from_one_queue(make_engine: MakeEngine) -> None:

@@ -2,7 +2,7 @@
 for everything that does not qualify.
 
 No GPU here: the route is forced onto CPU workers by handing the engine an explicit
-``device_decoder`` (``service.images.decode_jpegs``, which decodes on the CPU with torchvision's
+``device_decoder`` (``service.gpu_decode.decode_jpegs``, which decodes on the CPU with torchvision's
 libjpeg-turbo), so every step but nvJPEG itself runs: the header probe in the pool, JPEGs queued
 encoded, one batched decoder call in the worker before ``pipeline.run``, splitting on failure and
 the CPU decoder's verdict on a file refused alone. The ``cuda`` tests run the real nvJPEG route.
@@ -32,18 +32,15 @@ import torch
 from PIL import Image
 
 from model import create_model
-from model.interfaces import BatchStats, ImageResult, PipelineItem, PoseOptions
+from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem, PoseOptions
 from model.pipeline import TopDownPipeline
 from service.engine import DeadlineExceededError, Engine, EngineConfig, PoseRequest, PoseResponse
-from service.images import (
-    ImageError,
-    decode_image,
-    decode_jpegs,
-    probe_image,
-    sample_jpeg,
-)
+from service.errors import ImageError
+from service.gpu_decode import decode_jpegs, probe_image, sample_jpeg
 from service.settings import Settings
+from service.uploads import decode_image
 from service.workers import plan_decoding
+from tests.service.descriptions import fake_description
 from tests.service.test_engine_real import assert_same
 
 pytestmark = pytest.mark.filterwarnings(
@@ -127,8 +124,8 @@ class RecordingPipeline:
     def warmup(self) -> None:
         pass
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": "recording"}
+    def describe(self) -> ModelDescription:
+        return fake_description("recording")
 
     def run(self, items: list[PipelineItem]) -> tuple[list[ImageResult], BatchStats]:
         with self.lock:
@@ -405,7 +402,7 @@ async def test_corrupt_jpeg_fails_alone_and_its_batchmates_succeed(engines: list
     responses = await infer_all(engine, uploads)
 
     bad = responses[1]
-    assert isinstance(bad, ImageError) and (bad.code, bad.status) == ("bad_image", 400)
+    assert isinstance(bad, ImageError) and (bad.code, bad.status.http) == ("bad_image", 400)
     assert all(isinstance(responses[i], PoseResponse) for i in (0, 2, 3)), responses
     assert device_decoder.calls[0] == len(uploads)  # one call, then halves to find the culprit
     assert sorted(device_decoder.decoded) == sorted(good)
@@ -460,7 +457,7 @@ async def test_pixel_limit_is_refused_before_any_decoding(engines: list[Engine])
     with pytest.raises(ImageError) as refused:
         await engine.infer(PoseRequest(image=oversized_jpeg(4000, 3000)))  # 12 MP > 10 MP
 
-    assert (refused.value.code, refused.value.status) == ("too_many_pixels", 413)
+    assert (refused.value.code, refused.value.status.http) == ("too_many_pixels", 413)
     assert device_decoder.calls == [] and decoder.decoded == [] and pipeline.batches == []
 
 

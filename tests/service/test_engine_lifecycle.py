@@ -215,7 +215,7 @@ async def test_not_ready_until_every_pipeline_is_warm(make_engine: MakeEngine) -
     rec.warmup_gate.set()
     await starting
     assert engine.ready
-    assert engine.model_info()["name"] == "fake"
+    assert engine.model_info().model == "fake"
     assert answered_id(await submit(engine, 1)) == 1
 
 
@@ -278,26 +278,37 @@ async def test_stop_fails_what_is_left_after_the_grace(make_engine: MakeEngine) 
 
 
 async def test_every_job_gets_exactly_one_outcome_under_churn(make_engine: MakeEngine) -> None:
-    """Many submitters, two workers, failures, cancellations, deadlines and a small queue."""
+    """Rounds of many submitters against two workers, a small queue, failing batches, cancellations
+    and deadlines; each job gets exactly one outcome.
+
+    Each round holds both workers on the gate while a wave is submitted, which makes "queued" a
+    fact instead of a timing: with both workers inside ``run()``, a job that is in neither held
+    batch is still queued or decoding. Some of those are cancelled, and must never reach the
+    pipeline; every deadline job admitted and not cancelled must get ``DeadlineExceededError``
+    while the workers are still held (the timer answers it, queued or running). Then the gate
+    opens, a few more random jobs are cancelled mid-flight, and the round settles.
+    """
+    rounds, wave, deadline_s = 5, 60, 0.05
     rng = random.Random(0)
     rec = Recorder()
-    rec.fail_ids = {i for i in range(400) if i % 37 == 5}
+    rec.fail_ids = {i for i in range(rounds * wave) if i % 37 == 5}
     rec.detect_s = 0.0
-    decoder = FakeDecoder()
     engine = await make_engine(
         rec,
-        decoder=decoder,
+        decoder=FakeDecoder(),
         devices=("cpu", "cpu"),
         max_batch_size=4,
         max_delay_ms=1.0,
         max_queue_size=32,
     )
+    submitted = [0]  # of the current round
 
     async def one(i: int) -> tuple[int, str]:
         for _ in range(rng.randrange(3)):
             await asyncio.sleep(0)
         image: bytes | torch.Tensor = f"img:{i}".encode() if i % 2 else image_for(i)
-        deadline = time.monotonic() + 0.002 if i % 11 == 0 else None
+        deadline = time.monotonic() + deadline_s if i % 7 == 0 else None
+        submitted[0] += 1  # infer admits or refuses before it first awaits
         try:
             response = await engine.infer(PoseRequest(image=image, deadline=deadline))
         except (QueueFullError, DeadlineExceededError, InferenceError) as exc:
@@ -305,24 +316,49 @@ async def test_every_job_gets_exactly_one_outcome_under_churn(make_engine: MakeE
         assert answered_id(response) == i
         return i, "ok"
 
-    tasks = [asyncio.create_task(one(i)) for i in range(400)]
-    cancelled = set(rng.sample(range(400), 40))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    for i in cancelled:
-        tasks[i].cancel()
-    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     codes: dict[str, int] = {}
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, asyncio.CancelledError):
-            assert i in cancelled
-            continue
-        assert not isinstance(outcome, BaseException), outcome
-        assert outcome[0] == i
-        codes[outcome[1]] = codes.get(outcome[1], 0) + 1
-        if outcome[1] == "internal":
-            assert any(i in batch and rec.fail_ids & set(batch) for batch in rec.attempts)
-    assert codes.get("ok", 0) > 0
-    assert engine.queue_depth() == 0
-    # Nothing ran twice (no OOM here), and no cancelled job that was still queued ran.
-    assert len(rec.flat()) == len(set(rec.flat()))
+    cancelled_while_queued: set[int] = set()
+    for r in range(rounds):
+        ids = range(r * wave, (r + 1) * wave)
+        rec.gate = threading.Event()
+        before, submitted[0] = len(rec.attempts), 0
+        tasks = {i: asyncio.create_task(one(i)) for i in ids}
+        await wait_until(lambda n=before + 2: submitted[0] == wave and len(rec.attempts) == n)
+        # Both workers are held in run(): nothing more leaves the queue until the gate opens.
+        held = {i for batch in rec.attempts[before:] for i in batch}
+        waiting = [i for i in ids if i not in held and not tasks[i].done()]
+        doomed = set(rng.sample(waiting, min(6, len(waiting)))) | set(rng.sample(sorted(held), 2))
+        for i in doomed:
+            tasks[i].cancel()
+        cancelled_while_queued |= doomed - held
+        # Every deadline passes while the workers are still held; the timers must answer.
+        await asyncio.sleep(deadline_s * 2)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        for i in ids:
+            if i % 7 == 0 and i not in doomed:
+                assert tasks[i].done(), f"deadline job {i} unanswered past its deadline"
+                assert tasks[i].result()[1] in ("deadline_exceeded", "queue_full")
+        rec.gate.set()
+        for i in rng.sample(list(ids), 4):  # free-running churn: these may or may not have run
+            doomed.add(i)
+            tasks[i].cancel()
+        outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for i, outcome in zip(ids, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                assert i in doomed
+                continue
+            assert not isinstance(outcome, BaseException), outcome
+            assert outcome[0] == i
+            codes[outcome[1]] = codes.get(outcome[1], 0) + 1
+            if outcome[1] == "internal":
+                assert any(i in batch and rec.fail_ids & set(batch) for batch in rec.attempts)
+        assert engine.queue_depth() == 0
+
+    # Every kind of outcome happened, deadlines included.
+    assert codes.get("ok", 0) > 0 and codes.get("queue_full", 0) > 0, codes
+    assert codes.get("deadline_exceeded", 0) > 0, codes
+    assert cancelled_while_queued
+    ran = rec.flat()
+    assert len(ran) == len(set(ran))  # nothing ran twice (no OOM here)
+    assert not cancelled_while_queued & set(ran), "a job cancelled while queued ran"

@@ -3,13 +3,13 @@ and a clean ``promtool check metrics``."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 import torch
 
-from model.interfaces import BatchStats
+from model.interfaces import BatchStats, ModelDescription, PoseOptions
+from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from service.metrics import Metrics
 from tests.service.rest_support import promtool_check
 
@@ -29,14 +29,24 @@ class FakeEngine:
     def queue_depth(self) -> int:
         return 3
 
-    def model_info(self) -> dict[str, object]:
-        return {
-            "model": "distilpose_s",
-            "weights_sha256": "ab" * 32,
-            "detector": None,
-            "device": "cpu",
-            "input_size": (192, 256),
-        }
+    def model_info(self) -> ModelDescription:
+        return ModelDescription(
+            model="distilpose_s",
+            weights_sha256="ab" * 32,
+            input_size=(192, 256),
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            padding=1.25,
+            keypoint_names=COCO_KEYPOINT_NAMES,
+            skeleton=COCO_SKELETON,
+            has_sigmas=True,
+            detector=None,
+            detector_weights_sha256=None,
+            device="cpu",
+            max_crops_per_batch=256,
+            defaults=PoseOptions(),
+            oks_nms_threshold=0.9,
+        )
 
 
 def filled() -> Metrics:
@@ -60,6 +70,9 @@ def test_every_fixed_name_is_exposed_with_its_labels() -> None:
     assert 'pose_batch_size_count{stage="detect"} 1.0' in text
     assert 'pose_batch_size_count{stage="pose"} 2.0' in text
     assert 'pose_batch_size_sum{stage="pose"} 6.0' in text
+    # the batcher's knob: images per engine batch (2 + 1)
+    assert 'pose_batch_size_count{stage="engine"} 2.0' in text
+    assert 'pose_batch_size_sum{stage="engine"} 3.0' in text
     assert "pose_persons_per_image_count 3.0" in text
     assert (
         'pose_model_info{detector="",device="cpu",input_size="192x256",model="distilpose_s"' in text
@@ -76,7 +89,7 @@ def test_registries_are_private() -> None:
 
 def test_model_info_is_absent_before_the_engine_has_a_model() -> None:
     class Cold(FakeEngine):
-        def model_info(self) -> dict[str, object]:
+        def model_info(self) -> ModelDescription:
             raise RuntimeError("not started")
 
     metrics = Metrics()
@@ -85,8 +98,8 @@ def test_model_info_is_absent_before_the_engine_has_a_model() -> None:
 
 
 @pytest.mark.skipif(
-    shutil.which("promtool") is None and os.environ.get("CI") != "true",
-    reason="promtool (Debian: prometheus) absent; CI installs it and never skips this",
+    shutil.which("promtool") is None,
+    reason="promtool (Debian: prometheus) absent; CI installs it (tests/conftest.py fails a skip)",
 )
 def test_promtool_finds_nothing_to_complain_about() -> None:
     assert promtool_check(filled().render()) == ""

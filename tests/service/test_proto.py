@@ -63,7 +63,8 @@ def test_stubs_import_as_a_package_and_carry_the_contract() -> None:
     assert {"frame_id", "persons", "error"} <= set(
         pose_pb2.EstimateResponse.DESCRIPTOR.fields_by_name
     )
-    assert {"box", "score", "keypoints"} == set(pose_pb2.Person.DESCRIPTOR.fields_by_name)
+    person = set(pose_pb2.Person.DESCRIPTOR.fields_by_name)
+    assert {"box", "score", "keypoints", "track_id"} == person
     keypoint = set(pose_pb2.Keypoint.DESCRIPTOR.fields_by_name)
     assert {"x", "y", "score", "sigma_x", "sigma_y"} == keypoint
 

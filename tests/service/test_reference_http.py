@@ -14,12 +14,15 @@ Skipped without the converted models in the cache (``pose-service models fetch``
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from model.reference import default_cache_dir, reference_models_available
 from service.engine import EngineConfig
@@ -107,7 +110,37 @@ def test_pose_with_the_detector(http: httpx.Client, skier: tuple[bytes, dict]) -
 
 
 def test_render_draws_the_skeleton(http: httpx.Client, skier: tuple[bytes, dict]) -> None:
-    answer = http.post("/v1/pose/render", content=skier[0], headers={"content-type": "image/jpeg"})
+    """The PNG is the decoded upload with the persons drawn: along every limb whose two keypoints
+    are drawn the pixels differ from the upload's, and away from every person (box, keypoints and
+    a margin for the line width) they are the upload's, bit for bit."""
+    image = skier[0]
+    headers = {"content-type": "image/jpeg"}
+    persons = http.post("/v1/pose", content=image, headers=headers).json()["persons"]
+    skeleton = http.get("/v1/models").json()["model"]["skeleton"]
+    answer = http.post("/v1/pose/render", content=image, headers=headers)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "image/png"
-    assert answer.content.startswith(b"\x89PNG")
+    drawn = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
+    upload = np.asarray(Image.open(io.BytesIO(image)).convert("RGB")).astype(int)  # no EXIF turn
+    assert drawn.shape == upload.shape == (425, 640, 3)
+    (person,) = persons
+    points = np.array(person["keypoints"])  # (K, 3) x, y, raw score
+    min_score = 0.3  # the route's default
+    limbs = [(a, b) for a, b in skeleton if min(points[a, 2], points[b, 2]) >= min_score]
+    assert len(limbs) >= 8, limbs  # the skier is seen whole
+    for a, b in limbs:
+        for t in (0.25, 0.5, 0.75):
+            x, y = np.rint(points[a, :2] + t * (points[b, :2] - points[a, :2])).astype(int)
+            assert (drawn[y, x] != upload[y, x]).any(), (a, b, t)
+    # Far from the person: the union of its box and its keypoints, grown by the widest stroke.
+    x0, y0, w, h = person["bbox"]
+    margin = 2 * round(min(640, 425) / 200) + 4  # line width 2 * line, keypoint radius line + 1
+    left = int(min(x0, points[:, 0].min())) - margin
+    top = int(min(y0, points[:, 1].min())) - margin
+    right = int(max(x0 + w, points[:, 0].max())) + margin
+    bottom = int(max(y0 + h, points[:, 1].max())) + margin
+    far = np.ones(upload.shape[:2], dtype=bool)
+    far[max(top, 0) : max(bottom, 0), max(left, 0) : max(right, 0)] = False
+    assert far.mean() > 0.3  # a real check, not an empty one
+    assert np.array_equal(drawn[far], upload[far])
+    assert not np.array_equal(drawn[~far], upload[~far])

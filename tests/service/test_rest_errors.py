@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from service.engine import Engine, EngineConfig
-from service.images import decode_image
 from service.metrics import Metrics
 from service.rest import create_app
 from service.settings import Settings
+from service.uploads import decode_image
 from tests.service.rest_support import (
     LiveServer,
     SlowPipeline,
@@ -60,36 +60,47 @@ async def post_pose(http: httpx.AsyncClient, data: bytes = IMAGE) -> httpx.Respo
 
 
 async def test_overload_gives_429_with_retry_after_and_nothing_is_lost() -> None:
+    # Exact counts: the worker holds one image, the queue (max_queue_size=2) two more, so of 13
+    # further requests every one is refused at once. Sent in that order, so that no timing decides.
     hold = threading.Event()
     pipeline = SlowPipeline(run_gate=hold)
     with serve(pipeline, max_batch_size=1, max_queue_size=2) as live:
         limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=live.url, timeout=60, limits=limits) as http:
-            tasks = [asyncio.create_task(post_pose(http)) for _ in range(16)]
+        async with httpx.AsyncClient(base_url=live.url, timeout=30, limits=limits) as http:
 
-            async def refusals_are_back() -> bool:
-                # The worker holds one image, the queue two: everything else is refused at once.
-                return sum(task.done() for task in tasks) >= 13
+            async def one_running() -> bool:
+                return pipeline.images_run == 1
 
-            await wait_until(refusals_are_back)
+            async def two_queued() -> bool:
+                return live.engine.queue_depth() == 2
+
+            tasks = [asyncio.create_task(post_pose(http))]
+            await wait_until(one_running, timeout_s=10)
+            tasks += [asyncio.create_task(post_pose(http)) for _ in range(2)]
+            await wait_until(two_queued, timeout_s=10)
+            overflow = [asyncio.create_task(post_pose(http)) for _ in range(13)]
+
+            async def overflow_answered() -> bool:  # or one got in: fail now, not at a timeout
+                return all(t.done() for t in overflow) or live.engine.queue_depth() != 2
+
+            await wait_until(overflow_answered, timeout_s=10)
+            assert live.engine.queue_depth() == 2 and pipeline.images_run == 1
+            refused = [task.result() for task in overflow]
+            assert not any(task.done() for task in tasks)  # still held or queued
             hold.set()
-            answers = await asyncio.gather(*tasks)
-            codes = [answer.status_code for answer in answers]
+            done = await asyncio.gather(*tasks)
             metrics = await metrics_containing(
                 http,
-                f'pose_requests_total{{code="429",transport="http"}} {float(codes.count(429))}',
-                f'pose_requests_total{{code="200",transport="http"}} {float(codes.count(200))}',
+                'pose_requests_total{code="429",transport="http"} 13.0',
+                'pose_requests_total{code="200",transport="http"} 3.0',
             )
-    assert set(codes) <= {200, 429}, codes
-    refused = [a for a in answers if a.status_code == 429]
-    done = [a for a in answers if a.status_code == 200]
-    assert len(refused) >= 13 and done
+    assert [a.status_code for a in refused] == [429] * 13
+    assert [a.status_code for a in done] == [200] * 3
     for answer in refused:
         assert int(answer.headers["retry-after"]) >= 1
         assert answer.json()["error"]["code"] == "queue_full"
-    # Every request got exactly one answer, and only the accepted ones reached the pipeline.
-    assert len(refused) + len(done) == 16
-    assert pipeline.images_run == len(done)
+    # Only the accepted requests reached the pipeline, one at a time.
+    assert pipeline.images_run == 3 and pipeline.batches == [1, 1, 1]
     assert "pose_queue_depth 0.0" in metrics
 
 

@@ -262,11 +262,11 @@ async def test_health_transitions() -> None:
         seen = [(await watch.read()).status]
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING  # warming up
         await s.engine.start()
-        s.server.set_serving(True)
+        await s.server.set_serving(True)
         assert await status() == health_pb2.HealthCheckResponse.SERVING
         assert await status(SERVICE) == health_pb2.HealthCheckResponse.SERVING
         seen.append((await watch.read()).status)
-        s.server.set_serving(False)  # draining
+        await s.server.set_serving(False)  # draining
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
         seen.append((await watch.read()).status)
         watch.cancel()

@@ -18,16 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.pipeline import build_pipeline
 from service.pb.pose.v1 import pose_pb2
 from tests.service.rpc_harness import serving
-
-pipeline_module = pytest.importorskip("model.pipeline")
 
 
 @pytest.fixture(scope="module")
 def pipeline(distilpose_s_checkpoint: Path) -> Any:
     """The real top-down pipeline: DistilPose-S recipe weights, no detector, CPU."""
-    return pipeline_module.build_pipeline(
+    return build_pipeline(
         model=None,
         weights=str(distilpose_s_checkpoint),
         detector=None,

@@ -44,7 +44,7 @@ class RawImage(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., rgb: _Optional[bytes] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("image", "boxes", "frame_id", "flip_test", "return_sigmas", "oks_nms", "swap_flip_scores", "precision", "raw")
+    __slots__ = ("image", "boxes", "frame_id", "flip_test", "return_sigmas", "oks_nms", "swap_flip_scores", "precision", "raw", "track", "detect_every", "timestamp_ms", "smoothing")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,10 @@ class EstimateRequest(_message.Message):
     SWAP_FLIP_SCORES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    TRACK_FIELD_NUMBER: _ClassVar[int]
+    DETECT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     boxes: _containers.RepeatedCompositeFieldContainer[Box]
     frame_id: str
@@ -63,7 +67,23 @@ class EstimateRequest(_message.Message):
     swap_flip_scores: bool
     precision: Precision
     raw: RawImage
-    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., frame_id: _Optional[str] = ..., flip_test: _Optional[bool] = ..., return_sigmas: _Optional[bool] = ..., oks_nms: _Optional[bool] = ..., swap_flip_scores: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+    track: bool
+    detect_every: int
+    timestamp_ms: float
+    smoothing: Smoothing
+    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., frame_id: _Optional[str] = ..., flip_test: _Optional[bool] = ..., return_sigmas: _Optional[bool] = ..., oks_nms: _Optional[bool] = ..., swap_flip_scores: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., track: _Optional[bool] = ..., detect_every: _Optional[int] = ..., timestamp_ms: _Optional[float] = ..., smoothing: _Optional[_Union[Smoothing, _Mapping]] = ...) -> None: ...
+
+class Smoothing(_message.Message):
+    __slots__ = ("min_cutoff", "beta", "d_cutoff", "fps")
+    MIN_CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    D_CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    min_cutoff: float
+    beta: float
+    d_cutoff: float
+    fps: float
+    def __init__(self, min_cutoff: _Optional[float] = ..., beta: _Optional[float] = ..., d_cutoff: _Optional[float] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class Keypoint(_message.Message):
     __slots__ = ("x", "y", "score", "sigma_x", "sigma_y")
@@ -80,14 +100,16 @@ class Keypoint(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., score: _Optional[float] = ..., sigma_x: _Optional[float] = ..., sigma_y: _Optional[float] = ...) -> None: ...
 
 class Person(_message.Message):
-    __slots__ = ("box", "score", "keypoints")
+    __slots__ = ("box", "score", "keypoints", "track_id")
     BOX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
     box: Box
     score: float
     keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
-    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ...) -> None: ...
+    track_id: int
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "grpc_code", "retry_after_s")
@@ -102,7 +124,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., grpc_code: _Optional[int] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
-    __slots__ = ("frame_id", "persons", "width", "height", "timing_ms", "error", "index")
+    __slots__ = ("frame_id", "persons", "width", "height", "timing_ms", "error", "index", "detector_ran")
     class TimingMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +139,7 @@ class EstimateResponse(_message.Message):
     TIMING_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_RAN_FIELD_NUMBER: _ClassVar[int]
     frame_id: str
     persons: _containers.RepeatedCompositeFieldContainer[Person]
     width: int
@@ -124,7 +147,8 @@ class EstimateResponse(_message.Message):
     timing_ms: _containers.ScalarMap[str, float]
     error: Error
     index: int
-    def __init__(self, frame_id: _Optional[str] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., index: _Optional[int] = ...) -> None: ...
+    detector_ran: bool
+    def __init__(self, frame_id: _Optional[str] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., index: _Optional[int] = ..., detector_ran: _Optional[bool] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -73,6 +73,12 @@ class PoseServiceServicer:
         server's pace rather than buffered. A frame that fails (bad image, queue full, deadline) gets
         a response whose `error` is set and the stream goes on. The stream ends with UNAVAILABLE when
         the server starts draining; cancelling the stream drops its frames that have not run yet.
+
+        Tracking: when the stream's first request sets `track`, every person carries a `track_id`
+        that stays the same while the person stays in view, persons come in track_id order, and with
+        `detect_every` N > 1 the detector runs on every N-th frame (and when a track is lost), the
+        other frames' boxes coming from the previous frame's keypoints. The first request's `track`,
+        `detect_every` and `smoothing` hold for the whole stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,7 @@
+"""``python -m service.client``: the ``pose-client`` command."""
+
+import sys
+
+from service.client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,599 @@
+"""Video tracking, per stream: stable person ids, the detector only when needed, and smoothing.
+
+One ``Tracker`` per tracked stream (a gRPC ``StreamEstimate`` whose first frame sets ``track``, or
+one ``POST /v1/pose/video``); both transports use this module, so a stream tracks the same way
+over either. The tracker submits ordinary ``PoseRequest``s to the engine, with boxes (tracked from
+the previous frame) or without (the detector runs), so a tracked stream's frames batch with other
+streams' frames and with unary requests like any others.
+
+What it does, and from whom the idea comes:
+
+- **Ids** (Ultralytics ``track``, ByteTrack): persons of a frame the detector ran on are matched to
+  the stream's live tracks by the best one-to-one assignment (scipy's ``linear_sum_assignment``)
+  over a similarity that is the larger of the keypoints' OKS (COCO sigmas) and the boxes' IoU: OKS
+  says two poses agree, IoU keeps a small or fast person matched when OKS collapses. A pair below
+  ``match_threshold`` is no match. An unmatched person gets a new id (ids count up from 1 and are
+  never reused within a stream); a track unseen for more than ``max_unseen_frames`` frames is
+  retired.
+- **Detector skipping** (rtmlib's ``PoseTracker``, MediaPipe's tracking region): with
+  ``detect_every`` N > 1 the boxes of frame t are the hulls of frame t-1's keypoints, padded, and
+  the detector runs on every N-th frame, and on the next frame whenever a tracked person scores
+  below ``min_track_score`` (lost) or two tracks collapse onto one person. Such a frame needs the
+  previous frame's answer, so a stream with N > 1 runs its frames one at a time (and marks them
+  ``eager``: the batcher does not hold them waiting for a batch); with N <= 1 frames run
+  concurrently and only the matching is done in frame order.
+- **Smoothing** (MediaPipe Pose, Casiez et al. "1 Euro Filter", CHI 2012): a One Euro filter per
+  keypoint coordinate per track, timed by the frame's ``timestamp_ms`` when given, else by its
+  index over ``fps``. The filter's output is what is answered; tracking and matching use the raw
+  keypoints, so smoothing adds no lag to the boxes.
+
+Persons of a tracked frame come in track-id order. Transports map ``TrackedFrame`` to their wire
+format; nothing here knows HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from model.interfaces import ImageResult, Person
+from model.keypoints import COCO_OKS_SIGMAS
+from service.engine import Engine, PoseRequest, PoseResponse
+from service.errors import InvalidRequestError, NotReadyError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+__all__ = [
+    "MAX_DETECT_EVERY",
+    "OneEuroFilter",
+    "Smoothing",
+    "TrackOptions",
+    "TrackedFrame",
+    "Tracker",
+    "TrackerConfig",
+    "match",
+    "similarity",
+    "start_tracker",
+]
+
+MAX_DETECT_EVERY = 1000
+# A keypoint counts (for box hulls and OKS) when its raw score is above this: the pipeline's own
+# visibility threshold of the instance rescoring.
+KEYPOINT_MIN_SCORE = 0.2
+# Two persons of one tracked frame this alike (OKS) are one person: the official OKS-NMS threshold.
+DUPLICATE_OKS = 0.9
+# Weight of the newest displacement in a track's velocity.
+_VELOCITY_NEW = 0.7
+# Most a tracked box's width or height may change from one frame to the next (x or /): a box
+# feeds the keypoints that make the next box, so an unbounded loop could grow or shrink it away.
+_MAX_SIZE_STEP = 1.15
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """One Euro filter parameters (pixels and seconds).
+
+    Attributes:
+        min_cutoff: Cutoff frequency at rest, Hz: lower is smoother and lags more.
+        beta: How fast the cutoff rises with speed (per px/s): higher lags less in motion.
+        d_cutoff: Cutoff frequency of the speed estimate, Hz.
+        fps: Frame rate that times frames without a timestamp.
+    """
+
+    min_cutoff: float = 1.0
+    beta: float = 0.01
+    d_cutoff: float = 1.0
+    fps: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, value, low in (
+            ("min_cutoff", self.min_cutoff, 0.0),
+            ("d_cutoff", self.d_cutoff, 0.0),
+            ("fps", self.fps, 0.0),
+        ):
+            if not math.isfinite(value) or value <= low or value > 1e6:
+                raise InvalidRequestError(
+                    "bad_options", f"smoothing.{name} must be in (0, 1e6], got {value:g}"
+                )
+        if not math.isfinite(self.beta) or not 0.0 <= self.beta <= 1e6:
+            raise InvalidRequestError(
+                "bad_options", f"smoothing.beta must be in [0, 1e6], got {self.beta:g}"
+            )
+
+
+@dataclass(frozen=True)
+class TrackOptions:
+    """What one stream asks for (set by its first frame).
+
+    Attributes:
+        detect_every: Run the detector on every N-th frame; 0 and 1: every frame.
+        smoothing: One Euro parameters, or None for raw keypoints.
+    """
+
+    detect_every: int = 1
+    smoothing: Smoothing | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.detect_every, bool) or not 0 <= self.detect_every <= MAX_DETECT_EVERY:
+            raise InvalidRequestError(
+                "bad_options",
+                f"detect_every must be in [0, {MAX_DETECT_EVERY}], got {self.detect_every}",
+            )
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """The server's tracking knobs (``service.settings.Settings.tracker_config``).
+
+    Attributes:
+        max_unseen_frames: A track unseen for more frames than this is retired (its id is never
+            given again).
+        min_track_score: A person on tracked boxes scoring below this (mean of its keypoint
+            scores above 0.2) is lost: left out, and the detector runs on the next frame.
+        match_threshold: Least similarity (max of OKS and IoU) of a track and a person to match.
+        box_padding: A tracked box is the keypoints' hull scaled by this about its centre.
+        min_box_size_px: A tracked box smaller than this (after clipping to the image) is lost.
+    """
+
+    max_unseen_frames: int = 30
+    min_track_score: float = 0.3
+    match_threshold: float = 0.3
+    box_padding: float = 1.25
+    min_box_size_px: float = 2.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrackerConfig:
+        """The knobs ``settings`` sets (the others keep their defaults)."""
+        return cls(
+            max_unseen_frames=settings.track_max_unseen_frames,
+            min_track_score=settings.track_min_score,
+            min_box_size_px=settings.min_box_size_px,
+        )
+
+
+@dataclass
+class TrackedFrame:
+    """One answered frame of a tracked stream.
+
+    ``response.result.persons`` are in track-id order, keypoints smoothed when asked;
+    ``track_ids[i]`` is the id of person i.
+    """
+
+    response: PoseResponse
+    track_ids: list[int]
+    detector_ran: bool
+
+
+class OneEuroFilter:
+    """The One Euro filter over an array of values (e.g. (K, 2) keypoint pixels), elementwise.
+
+    ``x_hat = a(fc) x + (1 - a(fc)) x_hat_prev`` with ``fc = min_cutoff + beta |dx_hat|`` and
+    ``a(f) = 1 / (1 + 1 / (2 pi f dt))``; ``dx_hat`` is the speed, itself low-passed at
+    ``d_cutoff``.
+    """
+
+    def __init__(self, params: Smoothing) -> None:
+        self.params = params
+        self._x: np.ndarray | None = None
+        self._dx: np.ndarray | None = None
+        self._t = 0.0
+
+    @staticmethod
+    def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
+        return 1.0 / (1.0 + 1.0 / (2.0 * math.pi * cutoff * dt))
+
+    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Filter ``x`` taken at ``t`` seconds; the first call returns ``x`` itself."""
+        if self._x is None or self._dx is None:
+            self._x, self._dx, self._t = x.copy(), np.zeros_like(x), t
+            return x.copy()
+        dt = t - self._t
+        if not dt > 0:  # a repeated or backwards timestamp: one frame at the nominal rate
+            dt = 1.0 / self.params.fps
+        p = self.params
+        dx = (x - self._x) / dt
+        self._dx = self._dx + self._alpha(p.d_cutoff, dt) * (dx - self._dx)
+        cutoff = p.min_cutoff + p.beta * np.abs(self._dx)
+        self._x = self._x + self._alpha(cutoff, dt) * (x - self._x)
+        self._t = t
+        return self._x.copy()
+
+
+@dataclass
+class _Track:
+    id: int
+    keypoints: np.ndarray  # (K, 3) raw x, y, score of its last sighting
+    box: tuple[float, float, float, float]  # x, y, w, h of its last sighting
+    box_score: float  # of the last detector (or caller) box it was matched to
+    unseen: int = 0  # frames since its last sighting
+    smoother: OneEuroFilter | None = None
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # px per frame, (2,)
+    # Where the last detector (or caller) box lay around the keypoints' hull: left, top, right
+    # and bottom margins in hull widths and heights, (4,); tracked boxes keep them.
+    margins: np.ndarray | None = None
+
+    def predicted(self, frames: int = 1) -> np.ndarray:
+        """(K, 3) keypoints moved on ``frames`` frames at the track's velocity."""
+        moved = self.keypoints.copy()
+        moved[:, :2] += self.velocity * frames
+        return moved
+
+    def sighted(
+        self, keypoints: np.ndarray, box: tuple[float, float, float, float], *, boxed: bool
+    ) -> None:
+        """Take a new sighting, ``unseen + 1`` frames after the last; update the velocity from
+        the keypoints scored above 0.2 in both (constant velocity: a pan moves every person),
+        and, when ``box`` is the detector's or the caller's (``boxed``), the box margins."""
+        hull = _hull_of(keypoints)
+        if boxed and hull is not None:
+            (x1, y1, x2, y2), (bx, by, bw, bh) = hull, box
+            w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+            self.margins = np.array(
+                [(x1 - bx) / w, (y1 - by) / h, (bx + bw - x2) / w, (by + bh - y2) / h]
+            )
+        both = (keypoints[:, 2] > KEYPOINT_MIN_SCORE) & (self.keypoints[:, 2] > KEYPOINT_MIN_SCORE)
+        if both.any():
+            shift = (keypoints[both, :2] - self.keypoints[both, :2]).mean(0) / (self.unseen + 1)
+            self.velocity = _VELOCITY_NEW * shift + (1 - _VELOCITY_NEW) * self.velocity
+        self.keypoints, self.box = keypoints, box
+
+
+def _hull_of(keypoints: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(x1, y1, x2, y2) around the keypoints scored above 0.2; None when fewer than two are."""
+    good = keypoints[keypoints[:, 2] > KEYPOINT_MIN_SCORE, :2]
+    if len(good) < 2:
+        return None
+    (x1, y1), (x2, y2) = good.min(0), good.max(0)
+    return float(x1), float(y1), float(x2), float(y2)
+
+
+def _keypoints(person: Person) -> np.ndarray:
+    return np.asarray(person.keypoints, dtype=np.float64).reshape(-1, 3)
+
+
+def _quality(person: Person) -> float:
+    """Mean of the keypoint scores above 0.2 (the pipeline's rescoring), 0 when none is."""
+    scores = _keypoints(person)[:, 2]
+    good = scores[scores > KEYPOINT_MIN_SCORE]
+    return float(good.mean()) if good.size else 0.0
+
+
+def similarity(
+    keypoints_a: np.ndarray,
+    boxes_a: np.ndarray,
+    keypoints_b: np.ndarray,
+    boxes_b: np.ndarray,
+) -> np.ndarray:
+    """Pairwise similarity of two sets of persons: max(OKS, IoU).
+
+    OKS is COCO's over the keypoints scored above 0.2 in both persons (0 when none is), with the
+    mean of the two box areas as the scale; IoU is the boxes'.
+
+    Args:
+        keypoints_a: (A, K, 3) x, y, score in pixels.
+        boxes_a: (A, 4) x, y, w, h in pixels.
+        keypoints_b: (B, K, 3).
+        boxes_b: (B, 4).
+
+    Returns:
+        (A, B) similarities in [0, 1].
+    """
+    a, b = len(boxes_a), len(boxes_b)
+    if a == 0 or b == 0:
+        return np.zeros((a, b))
+    k = keypoints_a.shape[1]
+    sigmas = np.asarray(COCO_OKS_SIGMAS if k == len(COCO_OKS_SIGMAS) else [0.07] * k)
+    var = (2 * sigmas) ** 2  # (K,)
+    area_a = boxes_a[:, 2] * boxes_a[:, 3]
+    area_b = boxes_b[:, 2] * boxes_b[:, 3]
+    scale = (area_a[:, None] + area_b[None, :]) / 2 + np.finfo(np.float64).eps  # (A, B)
+    d2 = ((keypoints_a[:, None, :, :2] - keypoints_b[None, :, :, :2]) ** 2).sum(-1)  # (A, B, K)
+    e = np.exp(-d2 / var / scale[..., None] / 2)
+    visible = (keypoints_a[:, None, :, 2] > KEYPOINT_MIN_SCORE) & (
+        keypoints_b[None, :, :, 2] > KEYPOINT_MIN_SCORE
+    )
+    count = visible.sum(-1)
+    oks = np.where(count > 0, (e * visible).sum(-1) / np.maximum(count, 1), 0.0)
+    x1 = np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0])
+    y1 = np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1])
+    x2 = np.minimum((boxes_a[:, 0] + boxes_a[:, 2])[:, None], (boxes_b[:, 0] + boxes_b[:, 2])[None])
+    y2 = np.minimum((boxes_a[:, 1] + boxes_a[:, 3])[:, None], (boxes_b[:, 1] + boxes_b[:, 3])[None])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+    return np.maximum(oks, iou)
+
+
+def match(scores: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """The one-to-one assignment of rows to columns with the largest total score (Hungarian
+    method, scipy), keeping the pairs scoring at least ``threshold``.
+
+    Args:
+        scores: (A, B) similarities.
+
+    Returns:
+        (row, column) pairs.
+    """
+    if scores.size == 0:
+        return []
+    rows, cols = linear_sum_assignment(scores, maximize=True)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if scores[r, c] >= threshold]
+
+
+class Tracker:
+    """The tracking state of one stream, and the order its frames run in.
+
+    Args:
+        infer: ``Engine.infer`` (or anything with its signature).
+        options: What the stream asked for.
+        config: The server's knobs.
+        has_detector: Whether the engine's pipeline has a detector (else a frame without boxes is
+            one whole-image person, and ``detector_ran`` is always false).
+
+    ``submit`` is called once per frame, in frame order; it returns at once with a task, and the
+    tasks settle in frame order. A frame that fails (bad image, queue full, deadline) leaves the
+    state as it was; its task raises the engine's error.
+    """
+
+    def __init__(
+        self,
+        infer: Callable[[PoseRequest], Awaitable[PoseResponse]],
+        options: TrackOptions,
+        config: TrackerConfig,
+        *,
+        has_detector: bool,
+    ) -> None:
+        self._infer = infer
+        self.options = options
+        self.config = config
+        self._has_detector = has_detector
+        self._tracks: list[_Track] = []
+        self._next_id = 1
+        self._frames = 0  # frames submitted
+        self._since_detect = 0  # tracked frames since the detector last ran
+        self._force_detect = True
+        self._size: tuple[int, int] | None = None  # (width, height) of the last answered frame
+        self._previous_done: asyncio.Event | None = None  # set when the previous frame settled
+        self.detector_frames = 0  # frames the detector ran on (for tests and benchmarks)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether a frame's request needs the previous frame's answer (``detect_every`` > 1)."""
+        return self.options.detect_every > 1
+
+    def submit(
+        self, request: PoseRequest, *, index: int | None = None, timestamp_ms: float | None = None
+    ) -> asyncio.Task[TrackedFrame]:
+        """Queue one frame; call in frame order.
+
+        Args:
+            request: The frame (image, options, deadline); its ``boxes``, when given, are used
+                as they are (caller boxes: the detector does not run).
+            index: The frame's position in the stream (times smoothing without a timestamp);
+                by default the count of frames submitted.
+            timestamp_ms: When the frame was taken (drives smoothing).
+        """
+        frame = self._frames if index is None else index
+        self._frames += 1
+        previous, done = self._previous_done, asyncio.Event()
+        self._previous_done = done
+        task = asyncio.ensure_future(self._run(request, frame, timestamp_ms, previous))
+        # Set however the task ends, even cancelled before it started: the next frame goes on.
+        task.add_done_callback(lambda _: done.set())
+        return task
+
+    async def _run(
+        self,
+        request: PoseRequest,
+        frame: int,
+        timestamp_ms: float | None,
+        previous: asyncio.Event | None,
+    ) -> TrackedFrame:
+        request = replace(request, eager=True)
+        caller_boxes = request.boxes is not None
+        if not self.sequential or caller_boxes:
+            # Nothing of the request depends on the state: run it now, match in order after.
+            response = await self._infer(request)
+            if previous is not None:
+                await previous.wait()
+            return self._update(response, frame, timestamp_ms, detected=not caller_boxes)
+        if previous is not None:
+            await previous.wait()
+        boxes = self._tracked_boxes()
+        if boxes is None:
+            response = await self._infer(request)
+        else:
+            try:
+                response = await self._infer(replace(request, boxes=boxes))
+            except InvalidRequestError as exc:
+                if exc.code != "bad_boxes":
+                    raise
+                # The frame is not the size of the last one: find the persons afresh.
+                boxes = None
+                response = await self._infer(request)
+        return self._update(
+            response, frame, timestamp_ms, detected=boxes is None, tracked=boxes is not None
+        )
+
+    def _tracked_boxes(self) -> list[list[float]] | None:
+        """This frame's boxes from the last frame's keypoints, or None when the detector should
+        run (every N-th frame, nothing to track, or a track lost last frame)."""
+        due = self._since_detect + 1 >= self.options.detect_every
+        live = [t for t in self._tracks if t.unseen == 0]
+        if self._force_detect or due or not live or self._size is None:
+            return None
+        boxes = []
+        for track in live:
+            box = self._box_around(track.predicted(), track)
+            boxes.append([*box, min(1.0, max(0.0, track.box_score))])
+        return boxes
+
+    def _box_around(
+        self, keypoints: np.ndarray, track: _Track
+    ) -> tuple[float, float, float, float]:
+        """The box around the keypoints' hull, with the margins the detector's box last had (else
+        the hull scaled by ``box_padding``), clipped to the last frame; the track's last box when
+        fewer than two keypoints score above 0.2."""
+        assert self._size is not None
+        width, height = self._size
+        hull = _hull_of(keypoints)
+        if hull is None:
+            x, y, w, h = track.box
+            x1, y1, x2, y2 = x, y, x + w, y + h
+        elif track.margins is not None:
+            x1, y1, x2, y2 = hull
+            w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+            left, top, right, bottom = track.margins.tolist()
+            x1, y1, x2, y2 = x1 - left * w, y1 - top * h, x2 + right * w, y2 + bottom * h
+        else:
+            x1, y1, x2, y2 = hull
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            half_w = (x2 - x1) / 2 * self.config.box_padding
+            half_h = (y2 - y1) / 2 * self.config.box_padding
+            x1, x2, y1, y2 = cx - half_w, cx + half_w, cy - half_h, cy + half_h
+        if hull is not None:
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            last_w, last_h = track.box[2], track.box[3]
+            half_w = min(max(x2 - x1, last_w / _MAX_SIZE_STEP), last_w * _MAX_SIZE_STEP) / 2
+            half_h = min(max(y2 - y1, last_h / _MAX_SIZE_STEP), last_h * _MAX_SIZE_STEP) / 2
+            x1, x2, y1, y2 = cx - half_w, cx + half_w, cy - half_h, cy + half_h
+        x1, y1 = max(0.0, float(x1)), max(0.0, float(y1))
+        x2, y2 = min(float(width), float(x2)), min(float(height), float(y2))
+        smallest = self.config.min_box_size_px
+        # A box shrunk below the smallest size by the clipping is kept at that size, inside the
+        # image: its person is then judged by its score (and lost when it left the view).
+        x2, y2 = max(x2, min(x1 + smallest, width)), max(y2, min(y1 + smallest, height))
+        x1, y1 = min(x1, x2 - smallest), min(y1, y2 - smallest)
+        return (x1, y1, x2 - x1, y2 - y1)
+
+    def _update(
+        self,
+        response: PoseResponse,
+        frame: int,
+        timestamp_ms: float | None,
+        *,
+        detected: bool,
+        tracked: bool = False,
+    ) -> TrackedFrame:
+        """Match this frame's persons to the tracks (in frame order), and answer with ids."""
+        result = response.result
+        self._size = (result.width, result.height)
+        persons = list(result.persons)
+        live = [t for t in self._tracks if t.unseen == 0]
+        lost = False
+        if tracked:
+            # Person i stands in track i's box; one scoring too low, or a second copy of a
+            # person another track holds, is lost, and the detector looks again next frame.
+            pairs = []
+            order = sorted(range(len(persons)), key=lambda i: -persons[i].score)
+            kept: list[int] = []
+            for i in order:
+                bad = _quality(persons[i]) < self.config.min_track_score
+                if not bad and kept:
+                    same = similarity(
+                        _keypoints(persons[i])[None],
+                        np.asarray([persons[i].bbox]),
+                        np.stack([_keypoints(persons[j]) for j in kept]),
+                        np.asarray([persons[j].bbox for j in kept]),
+                    )
+                    bad = bool((same >= DUPLICATE_OKS).any())
+                if bad:
+                    lost = True
+                else:
+                    kept.append(i)
+                    pairs.append((i, i))
+            tracks = live
+        else:
+            tracks = [t for t in self._tracks if t.unseen <= self.config.max_unseen_frames]
+            shifts = [t.velocity * (t.unseen + 1) for t in tracks]
+            scores = similarity(
+                np.stack([t.predicted(t.unseen + 1) for t in tracks])
+                if tracks
+                else np.zeros((0, 0, 3)),
+                np.asarray(
+                    [(*(t.box[:2] + d), *t.box[2:]) for t, d in zip(tracks, shifts, strict=True)]
+                ).reshape(-1, 4),
+                np.stack([_keypoints(p) for p in persons]) if persons else np.zeros((0, 0, 3)),
+                np.asarray([p.bbox for p in persons]).reshape(-1, 4),
+            )
+            pairs = [(p, t) for t, p in match(scores, self.config.match_threshold)]
+        seen: dict[int, int] = {}  # person index -> its track's position in self._tracks
+        for person_index, track_index in pairs:
+            track = tracks[track_index]
+            seen[person_index] = self._tracks.index(track)
+        for person_index in range(len(persons)):
+            if person_index in seen or tracked:
+                continue
+            person = persons[person_index]
+            self._tracks.append(
+                _Track(self._next_id, _keypoints(person), person.bbox, person.bbox_score, unseen=1)
+            )
+            self._next_id += 1
+            seen[person_index] = len(self._tracks) - 1
+        t = (timestamp_ms / 1000.0) if timestamp_ms is not None else None
+        answered: list[tuple[int, Person]] = []
+        for person_index, position in seen.items():
+            track = self._tracks[position]
+            person = persons[person_index]
+            refound = track.unseen > 0
+            track.sighted(_keypoints(person), person.bbox, boxed=not tracked)
+            track.unseen = -1
+            if not tracked:
+                track.box_score = person.bbox_score
+            answered.append((track.id, self._smooth(track, person, frame, t, refound)))
+        for track in self._tracks:
+            track.unseen += 1  # the seen ones back to 0
+        self._tracks = [t for t in self._tracks if t.unseen <= self.config.max_unseen_frames]
+        live_after = [t for t in self._tracks if t.unseen == 0]
+        # A person the tracked boxes lost, or every track gone: the detector looks next frame.
+        self._force_detect = lost or (bool(live) and not live_after)
+        ran = detected and self._has_detector
+        if detected:
+            self._since_detect = 0
+            self.detector_frames += int(ran)
+        else:
+            self._since_detect += 1
+        answered.sort(key=lambda pair: pair[0])
+        out = ImageResult(
+            width=result.width, height=result.height, persons=[p for _, p in answered]
+        )
+        return TrackedFrame(
+            response=replace(response, result=out),
+            track_ids=[track_id for track_id, _ in answered],
+            detector_ran=ran,
+        )
+
+    def _smooth(
+        self, track: _Track, person: Person, frame: int, t: float | None, refound: bool
+    ) -> Person:
+        """The person with its keypoints through the track's One Euro filter (when asked)."""
+        params = self.options.smoothing
+        if params is None:
+            return person
+        if track.smoother is None or refound:
+            track.smoother = OneEuroFilter(params)
+        when = t if t is not None else frame / params.fps
+        xy = track.smoother(track.keypoints[:, :2], when)
+        keypoints = [
+            (float(x), float(y), float(s))
+            for (x, y), s in zip(xy.tolist(), track.keypoints[:, 2].tolist(), strict=True)
+        ]
+        return replace(person, keypoints=keypoints)
+
+
+def start_tracker(engine: Engine, options: TrackOptions, settings: Settings) -> Tracker:
+    """A tracker for one new stream over ``engine``, with the server's knobs."""
+    try:
+        has_detector = engine.model_info().detector is not None
+    except NotReadyError:  # its frames will be refused the same way
+        has_detector = False
+    return Tracker(
+        engine.infer, options, TrackerConfig.from_settings(settings), has_detector=has_detector
+    )

@@ -1,0 +1,219 @@
+"""Decode uploaded images, shared by every transport.
+
+``decode_image`` turns the bytes of an upload into a (3, H, W) uint8 RGB tensor, or raises
+``ImageError`` (``service.errors.InvalidRequestError``) with a machine-readable code:
+
+- The format is sniffed from the magic bytes; the declared Content-Type is never trusted. JPEG, PNG,
+  WebP, BMP, GIF and TIFF are accepted; SVG, text, PDF, HEIF/AVIF and friends get 415.
+- The pixel limit is checked from the header *before* any pixel is decoded (Pillow's ``Image.open``
+  only reads the header), so a decompression bomb costs a few bytes of parsing, never gigabytes.
+- The EXIF orientation is applied (a phone photo comes out upright, as a viewer shows it).
+- Every mode becomes RGB: palette, grayscale and CMYK through Pillow; 16-bit and 32-bit grayscale
+  are scaled down to 8 bits (not clipped); an alpha channel is composited over white, which is what
+  a person sees in a viewer and keeps arbitrary colours of fully transparent pixels out of the
+  crops.
+- Animated GIF/WebP and multi-page TIFF: the first frame. ICC profiles are not applied.
+
+Header probing and batched decoding on a worker's device live in ``service.gpu_decode``; the
+request's boxes and options are validated once, by the engine (``service.validation``).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from service.errors import ImageError
+
+# Format name -> Pillow plugin name; the only formats ``decode_image`` hands to Pillow.
+SUPPORTED_FORMATS: dict[str, str] = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "bmp": "BMP",
+    "gif": "GIF",
+    "tiff": "TIFF",
+}
+
+# Content-Type values accepted for a raw image body (the bytes are still sniffed).
+IMAGE_MEDIA_TYPES: frozenset[str] = frozenset(
+    {
+        "image/jpeg",
+        "image/jpg",
+        "image/pjpeg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+        "image/x-bmp",
+        "image/x-ms-bmp",
+        "image/gif",
+        "image/tiff",
+        "image/tif",
+        "application/octet-stream",
+    }
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the image format from its magic bytes.
+
+    Returns:
+        A key of ``SUPPORTED_FORMATS``, "unsupported" for a recognised format or text that is not
+        accepted (SVG, XML, HTML, JSON, PDF, HEIF/AVIF, ...), or None when the bytes mean nothing.
+    """
+    head = data[:64]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[4:8] == b"ftyp" or head.startswith(
+        (b"%PDF", b"\x00\x00\x01\x00", b"8BPS", b"\xff\x0a")
+    ):
+        return "unsupported"  # ISO media (HEIF/AVIF/MP4), PDF, ICO, PSD, JPEG XL
+    if _looks_like_text(head):
+        return "unsupported"  # SVG, HTML, XML, JSON, base64 sent as a raw body, ...
+    return None
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes are printable text (optionally after a UTF-8 BOM)."""
+    head = head.removeprefix(b"\xef\xbb\xbf")
+    if not head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A cut multi-byte character at the end is still text.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> torch.Tensor:
+    """Decode an uploaded image into RGB.
+
+    Args:
+        data: the encoded file.
+        max_pixels: largest width x height accepted, checked from the header before decoding.
+
+    Returns:
+        (3, H, W) uint8 RGB tensor (contiguous, on the CPU).
+
+    Raises:
+        ImageError: "bad_image" (400) for empty, corrupt or truncated data; "unsupported_media_type"
+            (415) for a format that is not an accepted raster image; "too_many_pixels" (413) past
+            ``max_pixels``.
+    """
+    image, fmt = open_header(data, max_pixels)
+    with image:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", palette notes
+                image.seek(0)  # first frame of an animation or the first page of a TIFF
+                image.load()
+                rgb = _to_rgb(_apply_orientation(image))
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError("bad_image", f"cannot decode the {fmt} image: {exc}") from exc
+    array = np.array(rgb, dtype=np.uint8, copy=True)  # (H, W, 3)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageError("bad_image", f"decoded to an unexpected shape {array.shape}")
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Sniff the format and read the header lazily (no pixel decoded), enforcing the pixel limit.
+
+    Returns:
+        The lazily opened image (the caller closes it) and its ``SUPPORTED_FORMATS`` key.
+
+    Raises:
+        ImageError: as ``decode_image`` does, for everything a header can tell.
+    """
+    if not data:
+        raise ImageError("bad_image", "the image is empty")
+    fmt = sniff_format(data)
+    if fmt == "unsupported":
+        raise ImageError(
+            "unsupported_media_type",
+            "not a supported image; send JPEG, PNG, WebP, BMP, GIF or TIFF",
+        )
+    if fmt is None:
+        raise ImageError("bad_image", "the data is not a recognisable image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[SUPPORTED_FORMATS[fmt]])
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_many_pixels", f"the image is too large: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
+        raise ImageError("bad_image", f"cannot read the {fmt} header: {exc}") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        image.close()
+        raise ImageError("bad_image", f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            "too_many_pixels",
+            f"the image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+    return image, fmt
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip by the EXIF orientation tag; a malformed EXIF block leaves the image as it is."""
+    try:
+        transposed = ImageOps.exif_transpose(image)
+    except Exception:
+        return image
+    return transposed if transposed is not None else image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (alpha composited over white, high bit depths scaled)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _wide_gray_to_rgb(image)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grayscale -> 8-bit RGB.
+
+    Integer data is taken as 16-bit (0..65535 -> 0..255), which is what PNG and TIFF carry; float
+    data as [0, 1] when it fits there, else as 0..255. Values outside are clipped.
+    """
+    values = np.asarray(image)
+    if values.dtype.kind == "f":
+        finite = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(finite.max()) if finite.size else 0.0
+        scaled = finite * 255.0 if top <= 1.0 else finite
+    else:
+        scaled = values.astype(np.float64) / 257.0
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)  # (H, W)
+    return Image.fromarray(np.stack([gray, gray, gray], axis=-1), mode="RGB")

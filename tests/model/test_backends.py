@@ -1,0 +1,262 @@
+"""The CPU backends (model.backends): exported graphs under OpenVINO and ONNX Runtime.
+
+Parity, fp32, with the golden tests' tolerances (tests/model/test_model_golden.py): DistilPose-S
+(recipe weights) on the golden input and its mirror, coords abs <= 1e-5, scores and sigmas
+abs <= 3e-5 against the official outputs. Measured: ~2e-7 on both backends. The reference pair
+(BlazePose + SSDLite) on COCO image 785 through the fastest backend (``auto``: OpenVINO): OKS
+within 0.005 of PyTorch's, boxes within 0.01 px. bf16 (OpenVINO, only where the CPU has it):
+within 0.5 px of a 256 px crop.
+
+Exports go to one folder per test session (``onnx_cache``), never to the user's cache.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import DistilPose, create_model
+from model.backends import (
+    BACKENDS,
+    BackendDetector,
+    BackendPoseModel,
+    apply_backend,
+    bf16_available,
+    resolve_backend,
+)
+from model.interfaces import PipelineItem, PoseModelInfo, PoseOptions, PoseOutput
+from model.pipeline import TopDownPipeline, build_pipeline
+from model.reference import default_cache_dir, reference_models_available
+from tests.model.test_model_golden import load_golden
+
+ONNX_BACKENDS = ["openvino", "onnxruntime"]
+GOLDEN_TOL = {"coords": 1e-5, "scores": 3e-5, "sigmas": 3e-5}
+OKS_TOL = 0.005
+BF16_TOL_PX = 0.5
+
+
+def onnx_cache(factory: pytest.TempPathFactory) -> Path:
+    """The session's cache of exports (shared with tests/model/test_export.py)."""
+    return factory.getbasetemp() / "onnx-cache"
+
+
+@pytest.fixture(scope="module")
+def net_s(distilpose_s_checkpoint: Path) -> DistilPose:
+    return create_model("distilpose_s", weights=distilpose_s_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def on_backend(
+    net_s: DistilPose, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, BackendPoseModel]:
+    """DistilPose-S compiled once per backend (one export, cached)."""
+    models = {}
+    for backend in ONNX_BACKENDS:
+        model, _ = apply_backend(
+            net_s, None, backend=backend, device="cpu", cache_dir=onnx_cache(tmp_path_factory)
+        )
+        assert isinstance(model, BackendPoseModel)
+        models[backend] = model
+    return models
+
+
+def _max_diffs(out: PoseOutput, golden: dict, prefix: str, net: DistilPose) -> dict[str, float]:
+    ref = golden["outputs"]
+    assert out.sigmas is not None
+    cells = out.sigmas / torch.tensor(net.sigma_to_crop)  # crop units -> heatmap cells (golden)
+    return {
+        "coords": (out.coords - ref[prefix + "pred"]).abs().max().item(),
+        "scores": (out.scores - ref[prefix + "score"][..., 0]).abs().max().item(),
+        "sigmas": (cells - ref[prefix + "sigma"]).abs().max().item(),
+    }
+
+
+@pytest.mark.parametrize("backend", ONNX_BACKENDS)
+def test_golden_outputs_through_each_backend(
+    backend: str, on_backend: dict[str, BackendPoseModel], net_s: DistilPose
+) -> None:
+    model = on_backend[backend]
+    assert model.info == net_s.info and model.weights_sha256 == net_s.weights_sha256
+    golden = load_golden("distilpose_s")
+    x = golden["input"]
+    for prefix, batch in (("", x), ("flipimg_", x.flip(3))):
+        diffs = _max_diffs(model.predict(batch), golden, prefix, net_s)
+        failed = {k: v for k, v in diffs.items() if not v <= GOLDEN_TOL[k]}
+        assert not failed, f"{backend} {prefix or 'plain'}: {failed} (tolerances {GOLDEN_TOL})"
+    # the batch dimension is dynamic: one crop alone gives the same numbers
+    single = model.predict(x[1:2])
+    assert torch.allclose(single.coords, model.predict(x).coords[1:2], atol=1e-6)
+
+
+def test_an_empty_batch(on_backend: dict[str, BackendPoseModel]) -> None:
+    out = on_backend["onnxruntime"].predict(torch.zeros((0, 3, 256, 192)))
+    assert out.coords.shape == (0, 17, 2) and out.scores.shape == (0, 17)
+    assert out.sigmas is not None and out.sigmas.shape == (0, 17, 2)
+
+
+def test_bf16_only_where_the_cpu_has_it(
+    on_backend: dict[str, BackendPoseModel], net_s: DistilPose
+) -> None:
+    model = on_backend["openvino"]
+    assert "fp32 as f32" in model.backend
+    if not bf16_available():
+        assert set(model.variants) == {"fp32"} and "no bf16 on this CPU" in model.backend
+        return
+    assert "bf16 as bf16" in model.backend
+    x = load_golden("distilpose_s")["input"]
+    fp32, bf16 = model.predict(x), model.variants["bf16"].predict(x)
+    px = ((bf16.coords - fp32.coords) * torch.tensor([192.0, 256.0])).abs().max().item()
+    assert px <= BF16_TOL_PX
+
+
+def test_the_pipeline_on_auto_reports_and_matches_torch(
+    distilpose_s_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``build_pipeline(backend="auto")`` on CPU runs OpenVINO, and says so in ``describe()``."""
+    common = {"model": None, "weights": str(distilpose_s_checkpoint), "detector": None}
+    reference = build_pipeline(**common, detector_weights=None)
+    fast = build_pipeline(
+        **common, detector_weights=None, backend="auto", cache_dir=onnx_cache(tmp_path_factory)
+    )
+    assert reference.describe().backend == "torch"
+    assert fast.describe().backend.startswith("openvino ")
+    assert fast.describe().weights_sha256 == reference.describe().weights_sha256
+    assert isinstance(fast.pose_model, BackendPoseModel)
+    fast.pose_model.warmup(2)  # the pipeline's warm-up runs 1..16; 1 and 2 keep this test short
+    image = torch.randint(0, 256, (3, 240, 320), dtype=torch.uint8, generator=torch.Generator())
+    boxes = torch.tensor([[20.0, 10.0, 120.0, 200.0], [150.0, 30.0, 100.0, 180.0]])
+    items = [PipelineItem(image, boxes, PoseOptions()), PipelineItem(image, boxes[:1])]
+    want, _ = reference.run(items)
+    got, _ = fast.run(items)
+    for a, b in zip(want, got, strict=True):
+        for p, q in zip(a.persons, b.persons, strict=True):
+            assert torch.allclose(torch.tensor(p.keypoints), torch.tensor(q.keypoints), atol=1e-3)
+
+
+def test_resolve_backend() -> None:
+    from service.settings import Settings
+
+    assert typing.get_args(Settings.model_fields["backend"].annotation) == BACKENDS
+    assert resolve_backend("auto", "cpu") == "openvino"  # the cpu-fast extra is installed
+    assert resolve_backend("auto", "cuda:0") == "torch"
+    assert resolve_backend("onnxruntime", "cpu") == "onnxruntime"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_backend("openvino", "cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("tensorrt", "cpu")
+
+
+def test_an_unwritable_cache_exports_to_a_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only cache (a container image) costs an export per start, not the start."""
+    import model.backends as backends
+
+    calls: list[dict] = []
+
+    def export(_net: object, _name: str, path: Path, **kw: object) -> None:
+        Path(path).write_bytes(b"onnx")
+        calls.append(kw)
+
+    monkeypatch.setattr(backends, "export_onnx", export)
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    exporter = backends._Exporter(blocked)
+    path, ov_cache = exporter.path(object(), "distilpose_s", "ab" * 32)
+    assert ov_cache is None and path.is_file() and blocked not in path.parents
+    assert calls == [{"source_weights_sha256": "ab" * 32}]  # checked, as a cached export is
+    exporter.close()
+    assert not path.exists()
+
+
+class _Double:
+    """A pose model that is not exported (a test double), recording what ran."""
+
+    def __init__(self, tag: str, log: list[str]) -> None:
+        self.info = PoseModelInfo("double", (8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.tag, self.log = tag, log
+
+    def predict(self, crops: torch.Tensor) -> PoseOutput:
+        self.log.append(self.tag)
+        n = crops.shape[0]
+        return PoseOutput(torch.full((n, 17, 2), 0.5), torch.ones((n, 17)), None)
+
+
+class _TorchvisionLike:
+    name = "fasterrcnn_mobilenet_v3_large_fpn"
+
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.zeros((0, 5)) for _ in images]
+
+
+def test_what_is_not_exported_stays_on_torch(tmp_path: Path) -> None:
+    log: list[str] = []
+    pose, detector = _Double("fp32", log), _TorchvisionLike()
+    kept = apply_backend(pose, detector, backend="auto", device="cpu", cache_dir=tmp_path)
+    assert kept == (pose, detector)
+    with pytest.raises(ValueError, match="not exported"):
+        apply_backend(pose, None, backend="onnxruntime", device="cpu", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_pipeline_routes_a_precision_to_its_variant() -> None:
+    """A bf16 request on CPU runs the model's bf16 variant where it has one, else fp32."""
+    log: list[str] = []
+    model = _Double("fp32", log)
+    model.variants = {"fp32": model, "bf16": _Double("bf16", log)}  # type: ignore[attr-defined]
+    pipeline = TopDownPipeline(model)  # type: ignore[arg-type]
+    image = torch.zeros((3, 16, 16), dtype=torch.uint8)
+    box = torch.tensor([[2.0, 2.0, 8.0, 8.0]])
+    for precision in ("fp32", "bf16", "fp16"):
+        pipeline.run([PipelineItem(image, box, PoseOptions(precision=precision))])  # type: ignore[arg-type]
+    assert log == ["fp32", "bf16", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def reference_cache() -> Path:
+    directory = default_cache_dir()
+    if not reference_models_available(directory):
+        pytest.skip(
+            f"reference models not in the cache {directory}: run `pose-service models fetch`"
+        )
+    return directory
+
+
+def test_reference_pair_oks_unchanged_on_the_fastest_backend(
+    reference_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """BlazePose + SSDLite on COCO image 785 (tests/assets): OKS with the annotated box and with
+    the detector's box, PyTorch vs ``auto`` (OpenVINO), within 0.005; boxes within 0.01 px."""
+    from tests.model.test_reference import coco_oks, skier
+
+    def pipeline(backend: str) -> TopDownPipeline:
+        return build_pipeline(
+            model="blazepose_full",
+            weights=str(reference_cache / "blazepose_full.safetensors"),
+            detector="ssdlite_person",
+            detector_weights=str(reference_cache / "ssdlite_person.safetensors"),
+            backend=backend,
+            cache_dir=onnx_cache(tmp_path_factory),
+        )
+
+    image, annotation = skier()
+    items = [
+        PipelineItem(image, torch.tensor([[*annotation["bbox"], 1.0]]), PoseOptions()),
+        PipelineItem(image, None, PoseOptions()),
+    ]
+    results = {}
+    for backend in ("torch", "auto"):
+        built = pipeline(backend)
+        if backend == "auto":
+            assert isinstance(built.detector, BackendDetector)
+            assert built.describe().backend.startswith("openvino ")
+        results[backend], _ = built.run(items)
+    for want, got in zip(results["torch"], results["auto"], strict=True):
+        assert len(want.persons) == len(got.persons) == 1
+        p, q = want.persons[0], got.persons[0]
+        assert torch.allclose(torch.tensor(p.bbox), torch.tensor(q.bbox), atol=0.01)
+        oks_torch, oks_fast = coco_oks(p.keypoints, annotation), coco_oks(q.keypoints, annotation)
+        assert oks_torch > 0.85 and abs(oks_fast - oks_torch) <= OKS_TOL, (oks_torch, oks_fast)

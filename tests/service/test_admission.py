@@ -1,0 +1,159 @@
+"""Admission by time: under a burst, an admitted request is answered within its deadline, and a
+request that would not be is refused at once with a retry hint computed from the measured rate.
+
+A fake pipeline that costs a fixed time per batch (concurrency is what is tested here) behind the
+real engine, first calibrated by a few real batches (the rate is measured, never configured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from service.engine import Engine, EngineConfig, PoseRequest
+from service.errors import DeadlineExceededError, QueueFullError
+from tests.service.rest_support import SlowPipeline
+
+BATCH_S = 0.05  # one batch of up to 4 images: ~80 images/s
+IMAGE = torch.zeros((3, 32, 32), dtype=torch.uint8)
+
+
+async def burst(engine: Engine, count: int, deadline_s: float) -> list[object]:
+    """``count`` requests at once; each outcome (a response or the exception) and its latency."""
+
+    async def one() -> tuple[object, float]:
+        t0 = time.monotonic()
+        try:
+            outcome: object = await engine.infer(
+                PoseRequest(image=IMAGE, deadline=time.monotonic() + deadline_s)
+            )
+        except Exception as exc:
+            outcome = exc
+        return outcome, time.monotonic() - t0
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def test_a_burst_is_answered_or_refused_never_timed_out() -> None:
+    pipeline = SlowPipeline(delay_s=BATCH_S)
+    engine = Engine(
+        lambda d: pipeline,
+        ["cpu"],
+        EngineConfig(max_batch_size=4, max_delay_ms=0.0, max_queue_size=1000, warmup=False),
+    )
+    await engine.start()
+    try:
+        await burst(engine, 8, 10.0)  # calibration: the rate is measured on real batches
+        outcomes = await burst(engine, 300, 0.5)
+    finally:
+        await engine.stop(0)
+    answered = [(o, t) for o, t in outcomes if not isinstance(o, Exception)]
+    refused = [(o, t) for o, t in outcomes if isinstance(o, QueueFullError)]
+    late = [o for o, _ in outcomes if isinstance(o, DeadlineExceededError)]
+    assert not late, f"{len(late)} admitted requests timed out"
+    assert len(answered) + len(refused) == 300
+    # Capacity within the deadline is ~0.5 s x 80 images/s = ~40: most of the 300 are refused.
+    assert 8 <= len(answered) <= 120, len(answered)
+    assert all(t < 0.5 for _, t in answered)
+    # Refusals are immediate and carry a hint from the measured rate (seconds, not the default).
+    assert all(t < 0.1 for _, t in refused)
+    hints = [o.retry_after_s for o, _ in refused]  # type: ignore[attr-defined]
+    assert all(0.1 <= h <= 30 for h in hints) and max(hints) > 0.1  # measured, not the 1 s default
+    assert max(hints) != 1.0
+
+
+async def test_a_configured_maximum_queue_wait_refuses_earlier() -> None:
+    pipeline = SlowPipeline(delay_s=BATCH_S)
+    config = EngineConfig(
+        max_batch_size=4, max_delay_ms=0.0, max_queue_size=1000, warmup=False, max_queue_wait_ms=100
+    )
+    engine = Engine(lambda d: pipeline, ["cpu"], config)
+    await engine.start()
+    try:
+        await burst(engine, 8, 10.0)
+        outcomes = await burst(engine, 100, 10.0)  # a long deadline: the queue wait decides
+    finally:
+        await engine.stop(0)
+    answered = [t for o, t in outcomes if not isinstance(o, Exception)]
+    refused = [o for o, _ in outcomes if isinstance(o, QueueFullError)]
+    assert len(answered) + len(refused) == 100
+    # ~0.1 s of queue at ~80 images/s, plus the batch running: about 8-16 admitted.
+    assert 4 <= len(answered) <= 30, len(answered)
+    assert max(answered) < 1.0
+
+
+async def test_an_idle_engine_admits_whatever_its_estimate_says() -> None:
+    """A stale estimate (one very slow batch) cannot lock the engine into refusing everything:
+    an idle engine admits, and the admitted work refreshes the estimate."""
+    pipeline = SlowPipeline(delay_s=1.0)
+    engine = Engine(lambda d: pipeline, ["cpu"], EngineConfig(max_delay_ms=0.0, warmup=False))
+    await engine.start()
+    try:
+        await burst(engine, 1, 10.0)  # one 1 s batch: the estimate now says 1 s per batch
+        pipeline.delay_s = 0.0
+        outcomes = await burst(engine, 1, 0.5)  # would be "late" by the estimate, but idle
+    finally:
+        await engine.stop(0)
+    assert not isinstance(outcomes[0][0], Exception)
+
+
+async def test_decoded_pixels_in_flight_are_bounded() -> None:
+    """Images held by admitted jobs stay under max_inflight_image_bytes: past it a request is
+    refused with 429's error, and the bytes come back when jobs finish."""
+    gate = threading.Event()
+    pipeline = SlowPipeline(run_gate=gate)
+    image = torch.zeros((3, 100, 100), dtype=torch.uint8)  # 30,000 bytes
+    config = EngineConfig(
+        max_batch_size=1, max_delay_ms=0.0, warmup=False, max_inflight_image_bytes=70_000
+    )
+    engine = Engine(lambda d: pipeline, ["cpu"], config)
+    await engine.start()
+    try:
+        held = [asyncio.create_task(engine.infer(PoseRequest(image=image))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError, match="bytes of images in flight"):
+            await engine.infer(PoseRequest(image=image))  # a third does not fit
+        gate.set()
+        await asyncio.gather(*held)
+        await engine.infer(PoseRequest(image=image))  # the bytes came back
+    finally:
+        gate.set()
+        await engine.stop(0)
+
+
+async def test_batches_are_fair_across_sources() -> None:
+    """A busy source (a stream with 12 frames queued) cannot hold back a source with one job:
+    the lone job runs in the first batch after the one already running, not after the 12."""
+    gate = threading.Event()
+    pipeline = SlowPipeline(run_gate=gate)
+    config = EngineConfig(max_batch_size=4, max_delay_ms=0.0, max_queue_size=100, warmup=False)
+    engine = Engine(lambda d: pipeline, ["cpu"], config)
+    await engine.start()
+    order: list[str] = []
+
+    async def send(source: str, width: int) -> None:
+        image = torch.zeros((3, 8, width), dtype=torch.uint8)
+        answer = await engine.infer(PoseRequest(image=image, source=source))
+        order.append(f"{source}:{answer.result.width}")
+
+    try:
+        first = asyncio.create_task(send("busy", 100))  # runs at once, held by the gate
+        await asyncio.sleep(0.05)
+        busy = [asyncio.create_task(send("busy", 101 + i)) for i in range(12)]
+        await asyncio.sleep(0.05)
+        lone = asyncio.create_task(send("lone", 8))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *busy, lone)
+    finally:
+        gate.set()
+        await engine.stop(0)
+    assert pipeline.batches[:2] == [1, 4]
+    # The second batch: three busy jobs and the lone one (round-robin), not four busy ones.
+    assert "lone:8" in order[1:5], order
+    busy_order = [int(entry.split(":")[1]) for entry in order if entry.startswith("busy")]
+    assert busy_order == sorted(busy_order)  # within a source, order is kept

@@ -1,0 +1,355 @@
+"""Tracked streams (``service.tracking``): ids, detector skipping, smoothing, lone-stream latency.
+
+A scripted scene stands in for the model: persons move by known amounts per frame, the fake
+"detector" lists them in an order that flips from frame to frame (as a real detector's score order
+does), and a caller box is answered with the keypoints of the person it covers. Frames go through
+the real engine and the real gRPC server; the frame index travels in the first two pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
+from service.batching import BatchQueue, Job, JobState
+from service.engine import PoseRequest, PoseResponse
+from service.pb.pose.v1 import pose_pb2
+from service.tracking import (
+    OneEuroFilter,
+    Smoothing,
+    Tracker,
+    TrackerConfig,
+    TrackOptions,
+    match,
+    similarity,
+)
+from tests.service.descriptions import fake_description
+from tests.service.rpc_harness import serving
+
+WIDTH, HEIGHT = 320, 160
+# Where the 17 keypoints sit in a person's box, as fractions of its width and height.
+_LAYOUT = [(0.2 + 0.6 * (k % 3) / 2, 0.05 + 0.9 * k / 16) for k in range(17)]
+
+
+@dataclass(frozen=True)
+class Walker:
+    """Person ``name``: box (x0 + vx * t, y0, w, h) while ``first <= t <= last``."""
+
+    name: int
+    x0: float
+    y0: float
+    vx: float
+    w: float = 40.0
+    h: float = 100.0
+    first: int = 0
+    last: int = 10**6
+
+    def box(self, t: int) -> tuple[float, float, float, float] | None:
+        x = self.x0 + self.vx * t
+        if not self.first <= t <= self.last or x >= WIDTH or x + self.w <= 0:
+            return None
+        return (x, self.y0, self.w, self.h)
+
+
+def _keypoints(box: tuple[float, float, float, float], score: float) -> list[Any]:
+    x, y, w, h = box
+    return [(x + w * u, y + h * v, score) for u, v in _LAYOUT]
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+class ScenePipeline:
+    """A fake pipeline over scripted walkers (thread-safe counters)."""
+
+    def __init__(self, walkers: list[Walker], *, detector: bool = True) -> None:
+        self.walkers = walkers
+        self.detector = detector
+        self.device = torch.device("cpu")
+        self.lock = threading.Lock()
+        self.detected: list[int] = []  # frames the "detector" ran on
+        self.boxed: list[int] = []  # frames run on caller boxes
+
+    def warmup(self) -> None:
+        """Nothing to warm."""
+
+    def describe(self) -> ModelDescription:
+        return fake_description("scene", detector="scene_detector" if self.detector else None)
+
+    def run(self, items: list[PipelineItem]) -> tuple[list[ImageResult], BatchStats]:
+        results = [self._one(item) for item in items]
+        return results, BatchStats(persons_per_image=[len(r.persons) for r in results])
+
+    def _one(self, item: PipelineItem) -> ImageResult:
+        t = int(item.image[0, 0, 0]) + 256 * int(item.image[1, 0, 0])
+        present = [(w, box) for w in self.walkers if (box := w.box(t)) is not None]
+        persons = []
+        if item.boxes is None:
+            with self.lock:
+                self.detected.append(t)
+            if t % 2:
+                present.reverse()  # the detector's order flips from frame to frame
+            for _, box in present:
+                persons.append(Person(box, 0.9, 0.8, _keypoints(box, 0.9)))
+        else:
+            with self.lock:
+                self.boxed.append(t)
+            for row in item.boxes.tolist():
+                given = tuple(row[:4])
+                best = max(present, key=lambda p: _iou(p[1], given), default=None)
+                if best is not None and _iou(best[1], given) > 0.1:
+                    persons.append(Person(given, row[4], 0.8, _keypoints(best[1], 0.9)))
+                else:
+                    persons.append(Person(given, row[4], 0.0, _keypoints(given, 0.0)))
+        return ImageResult(width=WIDTH, height=HEIGHT, persons=persons)
+
+
+def raw_frame(t: int, **fields: Any) -> pose_pb2.EstimateRequest:
+    """Frame ``t`` as raw pixels, ``t`` in the first pixel's red and green bytes."""
+    pixels = bytearray(WIDTH * HEIGHT * 3)
+    pixels[0], pixels[1] = t % 256, t // 256
+    raw = pose_pb2.RawImage(width=WIDTH, height=HEIGHT, rgb=bytes(pixels))
+    return pose_pb2.EstimateRequest(raw=raw, frame_id=str(t), **fields)
+
+
+async def run_stream(
+    pipeline: ScenePipeline, frames: int, first: dict[str, Any], **settings: Any
+) -> list[Any]:
+    """The responses of a ``frames``-frame stream whose first request carries ``first``."""
+    requests = [raw_frame(t, **(first if t == 0 else {})) for t in range(frames)]
+    async with serving(pipeline, max_batch_size=4, **settings) as s:
+        return [r async for r in s.stub.StreamEstimate(iter(requests), timeout=30)]
+
+
+def ids_by_walker(responses: list[Any], walkers: list[Walker]) -> dict[int, set[int]]:
+    """For each walker, the set of track ids its persons got (matched by box position)."""
+    seen: dict[int, set[int]] = {w.name: set() for w in walkers}
+    for t, response in enumerate(responses):
+        assert not response.HasField("error"), response.error
+        for person in response.persons:
+            x, y = person.keypoints[0].x, person.keypoints[0].y
+            owner = min(
+                (w for w in walkers if w.box(t) is not None),
+                key=lambda w: np.hypot(w.box(t)[0] - x, w.box(t)[1] - y),  # type: ignore[index]
+            )
+            seen[owner.name].add(person.track_id)
+    return seen
+
+
+WALKERS = [Walker(1, 10, 20, 3.0), Walker(2, 150, 40, -2.0), Walker(3, 250, 10, 0.5)]
+
+
+async def test_ids_are_stable_when_the_detector_order_flips() -> None:
+    pipeline = ScenePipeline(WALKERS)
+    responses = await run_stream(pipeline, 30, {"track": True})
+    seen = ids_by_walker(responses, WALKERS)
+    assert all(len(ids) == 1 for ids in seen.values()), seen
+    assert sorted(i for ids in seen.values() for i in ids) == [1, 2, 3]
+    for response in responses:  # persons in track-id order, every frame detected
+        assert [p.track_id for p in response.persons] == sorted(
+            p.track_id for p in response.persons
+        )
+        assert response.detector_ran
+    assert sorted(pipeline.detected) == list(range(30))
+
+
+async def test_detect_every_runs_the_detector_on_every_nth_frame() -> None:
+    pipeline = ScenePipeline(WALKERS)
+    responses = await run_stream(pipeline, 30, {"track": True, "detect_every": 10})
+    assert [t for t, r in enumerate(responses) if r.detector_ran] == [0, 10, 20]
+    assert sorted(pipeline.detected) == [0, 10, 20]
+    assert all(len(ids) == 1 for ids in ids_by_walker(responses, WALKERS).values())
+    for t, response in enumerate(responses):  # tracked boxes found every walker
+        assert len(response.persons) == 3, t
+
+
+async def test_a_person_who_leaves_is_lost_retired_and_never_renumbered() -> None:
+    # Walker 1 leaves through the right edge at frame 9; walker 4 enters at frame 20.
+    walkers = [Walker(1, 200, 20, 14.0), Walker(2, 10, 30, 0.0), Walker(4, 100, 40, 0.0, first=20)]
+    pipeline = ScenePipeline(walkers)
+    responses = await run_stream(
+        pipeline, 30, {"track": True, "detect_every": 50}, track_max_unseen_frames=3
+    )
+    ids = [[p.track_id for p in r.persons] for r in responses]
+    assert ids[0] == [1, 2]
+    leaves = next(t for t, w in enumerate(ids) if w == [2])
+    # The tracked box lost walker 1: the detector runs on the very next frame.
+    assert responses[leaves + 1].detector_ran
+    assert not any(r.detector_ran for r in responses[leaves + 2 : 20])
+    # Nobody new is looked for until a detector frame (detect_every 50): walker 4 shows later.
+    assert ids[25] == [2]
+    responses = await run_stream(
+        pipeline, 30, {"track": True, "detect_every": 5}, track_max_unseen_frames=3
+    )
+    ids = [[p.track_id for p in r.persons] for r in responses]
+    found = next(t for t, r in enumerate(responses) if t >= 20 and r.detector_ran)
+    assert found < 25 and ids[found:] == [[2, 3]] * (30 - found)  # 1 is never handed out again
+
+
+async def test_caller_boxes_are_used_and_the_detector_is_not() -> None:
+    pipeline = ScenePipeline(WALKERS)
+    box = pose_pb2.Box(x=10, y=20, width=40, height=100)
+    requests = [raw_frame(t, track=(t == 0), detect_every=5) for t in range(4)]
+    for request in requests:
+        request.boxes.append(box)
+    async with serving(pipeline) as s:
+        responses = [r async for r in s.stub.StreamEstimate(iter(requests), timeout=30)]
+    assert pipeline.detected == []
+    assert [[p.track_id for p in r.persons] for r in responses] == [[1]] * 4
+    assert not any(r.detector_ran for r in responses)
+
+
+async def test_smoothing_follows_timestamps_and_leaves_the_first_frame_alone() -> None:
+    walkers = [Walker(1, 10, 20, 5.0)]
+    requests = [
+        raw_frame(t, timestamp_ms=1000.0 + 40 * t)
+        for t in range(10)  # 25 frames/s by timestamps
+    ]
+    requests[0].track = True
+    requests[0].smoothing.CopyFrom(pose_pb2.Smoothing(min_cutoff=0.5, beta=0.0))
+    async with serving(ScenePipeline(walkers)) as s:
+        responses = [r async for r in s.stub.StreamEstimate(iter(requests), timeout=30)]
+    xs = [r.persons[0].keypoints[0].x for r in responses]
+    raw = [_keypoints(walkers[0].box(t), 1)[0][0] for t in range(10)]  # type: ignore[arg-type]
+    assert xs[0] == pytest.approx(raw[0])
+    assert all(x < r - 1 for x, r in zip(xs[1:], raw[1:], strict=True))  # lags behind, smoothed
+    expected = OneEuroFilter(Smoothing(min_cutoff=0.5, beta=0.0))
+    want = [float(expected(np.array([r]), 1.0 + 0.04 * t)[0]) for t, r in enumerate(raw)]
+    assert xs == pytest.approx(want, abs=1e-3)
+
+
+async def test_bad_tracking_options_end_the_stream_with_invalid_argument() -> None:
+    async with serving(ScenePipeline(WALKERS)) as s:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            requests = iter([raw_frame(0, track=True, detect_every=5000)])
+            _ = [r async for r in s.stub.StreamEstimate(requests, timeout=10)]
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "detect_every" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await s.stub.Estimate(raw_frame(0, track=True), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_stream_without_track_carries_no_track_ids() -> None:
+    async with serving(ScenePipeline(WALKERS)) as s:
+        requests = iter([raw_frame(t) for t in range(3)])
+        responses = [r async for r in s.stub.StreamEstimate(requests, timeout=10)]
+    assert all(not p.HasField("track_id") for r in responses for p in r.persons)
+    assert not any(r.detector_ran for r in responses)
+
+
+# ------------------------------------------------------------------------- units of the tracker
+
+
+def test_the_assignment_is_the_best_overall_not_greedy() -> None:
+    # Greedy would pair row 0 with column 0 (0.9) and leave row 1 with 0.1 (below the threshold).
+    scores = np.array([[0.9, 0.8], [0.85, 0.1]])
+    assert sorted(match(scores, 0.3)) == [(0, 1), (1, 0)]
+    assert match(np.zeros((0, 2)), 0.3) == []
+
+
+def test_similarity_is_one_for_the_same_person_and_falls_with_distance() -> None:
+    box = (10.0, 20.0, 40.0, 100.0)
+    kpts = np.array([_keypoints(box, 0.9)])
+    near = np.array([_keypoints((12.0, 20.0, 40.0, 100.0), 0.9)])
+    far = np.array([_keypoints((200.0, 20.0, 40.0, 100.0), 0.9)])
+    boxes = np.array([box])
+    same = similarity(kpts, boxes, kpts, boxes)
+    assert same[0, 0] == pytest.approx(1.0)
+    assert 0.5 < similarity(kpts, boxes, near, np.array([(12.0, 20.0, 40.0, 100.0)]))[0, 0] < 1
+    assert similarity(kpts, boxes, far, np.array([(200.0, 20.0, 40.0, 100.0)]))[0, 0] < 0.01
+
+
+def test_one_euro_smooths_noise_and_follows_a_step() -> None:
+    rng = np.random.default_rng(0)
+    flt = OneEuroFilter(Smoothing(min_cutoff=1.0, beta=0.0, fps=30))
+    noisy = 100 + rng.normal(0, 2.0, size=(300, 1))
+    out = np.array([flt(x, t / 30) for t, x in enumerate(noisy)])
+    assert out[50:].std() < noisy[50:].std() / 2
+    step = OneEuroFilter(Smoothing(min_cutoff=1.0, beta=0.5, fps=30))
+    values = [step(np.array([0.0 if t < 5 else 100.0]), t / 30)[0] for t in range(60)]
+    assert values[4] == 0.0 and values[-1] == pytest.approx(100.0, abs=0.5)
+    with pytest.raises(ValueError, match="min_cutoff"):
+        Smoothing(min_cutoff=0.0)
+    with pytest.raises(ValueError, match="detect_every"):
+        TrackOptions(detect_every=-1)
+
+
+async def test_a_failed_frame_leaves_the_state_and_the_next_frame_goes_on() -> None:
+    calls: list[Any] = []
+    pipeline = ScenePipeline(WALKERS)
+
+    async def infer(request: PoseRequest) -> PoseResponse:
+        calls.append(request.boxes)
+        if len(calls) == 2:
+            raise RuntimeError("frame 1 failed")
+        item = PipelineItem(
+            request.image,
+            None
+            if request.boxes is None
+            else torch.tensor([list(map(float, row)) for row in request.boxes]),
+        )
+        return PoseResponse(pipeline._one(item), {})
+
+    tracker = Tracker(infer, TrackOptions(detect_every=3), TrackerConfig(), has_detector=True)
+    images = [torch.tensor(list(raw_frame(t).raw.rgb), dtype=torch.uint8) for t in range(3)]
+    tensors = [img.view(HEIGHT, WIDTH, 3).permute(2, 0, 1) for img in images]
+    tasks = [tracker.submit(PoseRequest(image)) for image in tensors]
+    first, second, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(second, RuntimeError)
+    assert [p for p in first.track_ids] == [1, 2, 3]  # type: ignore[union-attr]
+    assert third.track_ids == [1, 2, 3] and not third.detector_ran  # type: ignore[union-attr]
+    assert calls[0] is None and calls[2] is not None
+
+
+# -------------------------------------------------------------------- the lone stream's latency
+
+
+def _job(eager: bool) -> Job:
+    loop = asyncio.new_event_loop()
+    try:
+        item = PipelineItem(torch.zeros((3, 2, 2), dtype=torch.uint8))
+        return Job(
+            item, loop.create_future(), loop, None, time.monotonic(), JobState.QUEUED, eager=eager
+        )
+    finally:
+        loop.close()
+
+
+def test_a_lone_stream_frame_is_taken_at_once_however_long_the_delay() -> None:
+    # An hour of max_delay: only "nothing else is queued" can let the frame go now.
+    queue = BatchQueue(
+        max_batch_size=8, max_delay_s=3600.0, max_queue_size=8, on_depth=lambda d: None
+    )
+    assert queue.admit(_job(eager=True)) is None
+    batch, expired = queue.next_batch()  # type: ignore[misc]
+    assert len(batch) == 1 and expired == []
+
+
+def test_a_stream_frame_queued_with_other_work_waits_for_the_batch_as_before() -> None:
+    queue = BatchQueue(
+        max_batch_size=4, max_delay_s=3600.0, max_queue_size=8, on_depth=lambda d: None
+    )
+    queue.admit(_job(eager=False))
+    queue.admit(_job(eager=True))
+    taken: list[Any] = []
+    thread = threading.Thread(target=lambda: taken.append(queue.next_batch()))
+    thread.start()
+    thread.join(0.05)
+    assert thread.is_alive() and taken == []  # a plain request is queued: the delay holds
+    queue.close()
+    thread.join(5)
+    assert taken == [None]
