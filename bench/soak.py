@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment("cpu")
-    server = _server(args, out)
+    server = _server(args, Path(tempfile.mkdtemp(prefix="soak-")))
     image = load_images(0)[0]
     x, y, w, h = image.person_box
     boxes = [[x + 5.0 * i, y, w, h] for i in range(args.boxes)]
