@@ -254,6 +254,7 @@ async def serve(
         limits=settings.request_limits(),
         max_queue_wait_ms=settings.max_queue_wait_ms,
         max_inflight_image_bytes=settings.max_inflight_image_bytes,
+        max_boxes_per_job=settings.max_boxes_per_job,
     )
     engine = Engine(
         pipeline_factory,

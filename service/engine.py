@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,6 +112,9 @@ class EngineConfig:
             running); an image that does not fit is refused (429) as soon as its size is known,
             so a burst of large images cannot fill memory however the queue is sized. Decoding
             itself is bounded by ``decode_workers`` (one image per thread). None: no bound.
+        max_boxes_per_job: A request with more caller boxes is run as several jobs of at most
+            this many boxes (decoded once), so that one request cannot hold a worker for all its
+            crops while every other client waits.
     """
 
     max_batch_size: int = 16
@@ -123,6 +127,7 @@ class EngineConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_queue_wait_ms: float | None = None
     max_inflight_image_bytes: int | None = None
+    max_boxes_per_job: int = 16
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -135,6 +140,8 @@ class EngineConfig:
             raise ValueError(f"decode_workers must be >= 1, got {self.decode_workers}")
         if self.drain_grace_s < 0:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
+        if self.max_boxes_per_job < 1:
+            raise ValueError(f"max_boxes_per_job must be >= 1, got {self.max_boxes_per_job}")
 
 
 @dataclass
@@ -423,6 +430,8 @@ class Engine:
         limits = self._config.limits
         boxes = None if request.boxes is None else parse_boxes(request.boxes, limits)
         check_options(request.options)
+        if boxes is not None and boxes.shape[0] > self._config.max_boxes_per_job:
+            return await self._infer_split(request, boxes, t_submit)
         data: bytes | None = None
         image = request.image
         if isinstance(image, torch.Tensor):
@@ -479,6 +488,39 @@ class Engine:
             # The caller went away: free the slot and keep the job from any worker.
             self._finish(job)
             raise
+
+    async def _infer_split(
+        self, request: PoseRequest, boxes: torch.Tensor, t_submit: float
+    ) -> PoseResponse:
+        """A request with more boxes than ``max_boxes_per_job``: decoded once, then run as jobs
+        of at most that many boxes each, so that it shares the workers with everyone else
+        instead of holding one for all its crops; the persons come back in the caller's order.
+        """
+        image = request.image
+        if not isinstance(image, torch.Tensor):
+            if self._decoder is None or self._decode_pool is None:
+                raise TypeError("this engine has no decoder: pass a decoded image tensor")
+            if self._queue.depth() >= self._queue.max_queue_size:
+                raise QueueFullError(
+                    f"queue full ({self._queue.max_queue_size} jobs waiting)",
+                    retry_after_s=self._queue.retry_after_s(len(self._workers)),
+                )
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self._decode_pool, self._decoder, bytes(image))
+        check_image(image)
+        check_boxes_in_image(boxes, int(image.shape[2]), int(image.shape[1]))
+        step = self._config.max_boxes_per_job
+        parts = [
+            dataclasses.replace(request, image=image, boxes=boxes[i : i + step])
+            for i in range(0, boxes.shape[0], step)
+        ]
+        answers = await self.infer_many(parts)
+        first = answers[0]
+        persons = [person for answer in answers for person in answer.result.persons]
+        timing = {key: max(a.timing_ms[key] for a in answers) for key in first.timing_ms}
+        timing["total"] = (time.monotonic() - t_submit) * 1000.0
+        result = ImageResult(width=first.result.width, height=first.result.height, persons=persons)
+        return PoseResponse(result=result, timing_ms=timing, image=first.image)
 
     async def infer_many(
         self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None

@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         description="most bytes of decoded images held by admitted requests; beyond it 429",
     )
     max_boxes: int = Field(default=100, ge=1, description="most caller boxes per image")
+    max_boxes_per_job: int = Field(
+        default=16,
+        ge=1,
+        description="a request with more caller boxes runs as several batched jobs of this many",
+    )
     min_box_size_px: float = Field(
         default=2.0, gt=0, le=1e7, description="smallest caller box width and height, in pixels"
     )

@@ -157,3 +157,44 @@ async def test_batches_are_fair_across_sources() -> None:
     assert "lone:8" in order[1:5], order
     busy_order = [int(entry.split(":")[1]) for entry in order if entry.startswith("busy")]
     assert busy_order == sorted(busy_order)  # within a source, order is kept
+
+
+async def test_a_request_with_many_boxes_is_spread_over_batches() -> None:
+    """100 boxes with max_boxes_per_job 16: seven jobs (decoded once, from bytes), persons in the
+    caller's order; another client's image runs between them instead of after all of them."""
+    gate = threading.Event()
+    pipeline = SlowPipeline(run_gate=gate)
+    seen: list[int] = []  # image widths in the order the pipeline ran them: 64 big, 32 small
+    run = pipeline.run
+    pipeline.run = lambda items: (seen.extend(int(i.image.shape[2]) for i in items), run(items))[1]  # type: ignore[method-assign]
+    decoded: list[int] = []
+
+    def decoder(data: bytes) -> torch.Tensor:
+        decoded.append(len(data))
+        return torch.zeros((3, 48, 64), dtype=torch.uint8)
+
+    config = EngineConfig(max_batch_size=2, max_delay_ms=0.0, warmup=False, max_boxes_per_job=16)
+    engine = Engine(lambda d: pipeline, ["cpu"], config, decoder=decoder)
+    boxes = [[float(i % 60), 1.0, 4.0, 4.0, 0.5] for i in range(100)]
+    await engine.start()
+    try:
+        big = asyncio.create_task(
+            engine.infer(PoseRequest(image=b"encoded", boxes=boxes, source="big"))
+        )
+        await asyncio.sleep(0.05)
+        small = asyncio.create_task(
+            engine.infer(PoseRequest(image=IMAGE, boxes=[[0, 0, 8, 8]], source="small"))
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        answer, other = await asyncio.gather(big, small)
+    finally:
+        gate.set()
+        await engine.stop(0)
+    assert decoded == [len(b"encoded")]  # decoded once for all seven jobs
+    assert [p.bbox[0] for p in answer.result.persons] == [b[0] for b in boxes]
+    assert sum(pipeline.batches) == 8  # 7 parts of the big request + the small one
+    assert len(other.result.persons) == 1
+    # The small request did not wait for every part of the big one (plain FIFO would run it
+    # last): it ran right after the part already running, next to the big request's next part.
+    assert seen.index(32) <= 2 and seen.count(64) == 7, seen
