@@ -27,10 +27,11 @@ from PIL import Image
 from schemathesis import GenerationMode, checks
 from schemathesis.core.failures import Failure, FailureGroup
 
-from service.engine import EngineConfig
+from service.engine import Engine, EngineConfig
 from service.rest import create_app
 from service.settings import Settings
-from tests.service.rest_support import LiveServer, cpu_pipeline_engine
+from service.uploads import decode_image
+from tests.service.rest_support import LiveServer, SlowPipeline, cpu_pipeline_engine
 
 
 def _image(fmt: str, width: int, height: int) -> bytes:
@@ -73,11 +74,15 @@ def fuzz_server(distilpose_s_checkpoint: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_server: LiveServer) -> Any:
+    return _schema(fuzz_server)
+
+
+def _schema(server: LiveServer) -> Any:
     import httpx
 
-    document = httpx.get(fuzz_server.url + "/openapi.json", timeout=30).json()
+    document = httpx.get(server.url + "/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(document)
-    schema.config.update(base_url=fuzz_server.url)
+    schema.config.update(base_url=server.url)
 
     @schema.hook
     def before_generate_body(context: Any, strategy: st.SearchStrategy) -> st.SearchStrategy:
@@ -109,14 +114,14 @@ CONFORMANCE = [
 ]
 
 
-def fuzz(operation: Any, base_url: str, mismatches: list[str]) -> Counter[int]:
+def fuzz(operation: Any, base_url: str, mismatches: list[str], examples: int = 25) -> Counter[int]:
     """Run one operation's generated cases (valid and invalid ones); count the statuses and note
     every answer that does not conform to the document."""
     counts: Counter[int] = Counter()
     modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
     strategy = st.one_of(*(operation.as_strategy(generation_mode=mode) for mode in modes))
 
-    @FUZZ_SETTINGS
+    @settings(FUZZ_SETTINGS, max_examples=examples)
     @given(case=strategy)
     def check(case: Any) -> None:
         response = case.call(base_url=base_url, timeout=120)
@@ -150,3 +155,40 @@ def test_every_answer_conforms_to_the_openapi_document(
     assert not mismatches, "\n\n".join(mismatches[:10])
     pose = seen["POST /v1/pose"]
     assert pose[200] > 0 and sum(pose.values()) >= 25  # real images reached the model
+
+
+@pytest.fixture(scope="module")
+def fake_fuzz_server() -> Iterator[LiveServer]:
+    """The same app over the real engine with a fake pipeline: the transport is what is fuzzed,
+    so a thousand cases fit in CI's time."""
+    config = Settings(max_boxes=3, max_images_per_request=2, max_body_bytes=200_000)
+    engine = Engine(
+        lambda device: SlowPipeline(),
+        ["cpu"],
+        EngineConfig(max_batch_size=8, max_delay_ms=1.0, limits=config.request_limits()),
+        decoder=lambda data: decode_image(data, max_pixels=config.max_image_pixels),
+    )
+    with LiveServer(engine, lambda: [create_app(engine, config)]) as live:
+        yield live
+
+
+# 15 s alone on 2 cores (1,000+ requests to a live server): double the default for CI's load.
+@pytest.mark.timeout(120)
+def test_a_thousand_generated_cases_conform_and_none_is_a_server_error(
+    fake_fuzz_server: LiveServer,
+) -> None:
+    schema = _schema(fake_fuzz_server)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    mismatches: list[str] = []
+    total = 0
+    # Operations without inputs (GET /livez) have few distinct cases: rounds over all of them
+    # until 1,000 cases have run (each round draws fresh random cases; no example database).
+    for _ in range(10):
+        for operation in operations:
+            counts = fuzz(operation, fake_fuzz_server.url, mismatches, examples=100)
+            total += sum(counts.values())
+            assert not [code for code in counts if code >= 500], (operation.path, counts)
+        if total >= 1000:
+            break
+    assert not mismatches, "\n\n".join(mismatches[:10])
+    assert total >= 1000, total
