@@ -38,13 +38,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 
-from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem, PoseOptions
+from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem
 from service.batching import BatchQueue, Job, JobState
+from service.engine_api import (
+    EngineConfig,
+    EngineObserver,
+    NoopObserver,
+    PoseRequest,
+    PoseResponse,
+)
 from service.errors import (
     ClientClosedError,
     DeadlineExceededError,
@@ -85,138 +91,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Batching and lifecycle knobs (``service.settings.Settings`` fills them from ``POSE_*``).
-
-    Attributes:
-        max_batch_size: Most images in one pipeline call (the detector and pose stages batch
-            inside it).
-        max_delay_ms: How long the first job of a batch waits for more to arrive; 0 takes what is
-            queued and goes.
-        max_queue_size: Most jobs admitted and not yet running (being decoded or queued); beyond it
-            ``infer`` raises ``QueueFullError`` at once. Admission is also by time: once the
-            workers' throughput is measured, a job that would pass its deadline waiting (or wait
-            longer than ``max_queue_wait_ms``) is refused at once with a retry hint.
-        decode_workers: Threads decoding encoded images.
-        warmup: Run ``pipeline.warmup()`` in ``start()`` before reporting ready.
-        drain_grace_s: Default grace period of ``stop()``.
-        gpu_decode: Decode the JPEGs that qualify (``service.gpu_decode.probe_image``) on the
-            workers' CUDA device, batched, instead of in the decode pool; no effect unless every
-            worker is on one CUDA device. Off by default until the benchmark says it wins.
-        limits: What one request may ask for (boxes per image, smallest box).
-        max_queue_wait_ms: Longest expected queue wait admitted (None: the deadline decides).
-        max_inflight_image_bytes: Most bytes of decoded pixels held by admitted jobs (queued or
-            running); an image that does not fit is refused (429) as soon as its size is known,
-            so a burst of large images cannot fill memory however the queue is sized. Decoding
-            itself is bounded by ``decode_workers`` (one image per thread). None: no bound.
-        max_boxes_per_job: A request with more caller boxes is run as several jobs of at most
-            this many boxes (decoded once), so that one request cannot hold a worker for all its
-            crops while every other client waits.
-    """
-
-    max_batch_size: int = 16
-    max_delay_ms: float = 2.0
-    max_queue_size: int = 128
-    decode_workers: int = 2
-    warmup: bool = True
-    drain_grace_s: float = 30.0
-    gpu_decode: bool = False
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    max_queue_wait_ms: float | None = None
-    max_inflight_image_bytes: int | None = None
-    max_boxes_per_job: int = 16
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_delay_ms < 0:
-            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
-        if self.max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
-        if self.decode_workers < 1:
-            raise ValueError(f"decode_workers must be >= 1, got {self.decode_workers}")
-        if self.drain_grace_s < 0:
-            raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
-        if self.max_boxes_per_job < 1:
-            raise ValueError(f"max_boxes_per_job must be >= 1, got {self.max_boxes_per_job}")
-
-
-@dataclass
-class PoseRequest:
-    """One image to run.
-
-    Attributes:
-        image: Encoded bytes (decoded in the engine's decode pool by ``decoder``) or a decoded
-            (3, H, W) uint8 RGB tensor.
-        boxes: [x, y, w, h(, score)] person boxes in pixels as parsed (rows of numbers, or an
-            (M, 4|5) tensor), or None to detect; validated by the engine
-            (``service.validation``).
-        options: Per-request pose options.
-        deadline: ``time.monotonic()`` seconds after which the answer is no longer wanted.
-        return_image: Put the decoded image in the answer (to draw on it): the image is decoded
-            after admission, in the engine's pool, like any other.
-        source: Who sent it (an API key, a connection, a stream); batches are formed
-            round-robin over sources.
-        eager: Do not hold this job for a batch to fill while nothing but eager jobs is queued:
-            set by ``service.tracking`` on a tracked stream's frames, whose sender waits for the
-            answer (``service.batching``).
-    """
-
-    image: bytes | torch.Tensor
-    boxes: Any = None
-    options: PoseOptions = field(default_factory=PoseOptions)
-    deadline: float | None = None
-    return_image: bool = False
-    source: str = ""
-    eager: bool = False
-
-
-@dataclass
-class PoseResponse:
-    """The result of one image and where its time went.
-
-    ``timing_ms`` keys: ``queue`` (waiting for a worker, after decode), ``decode`` (in the pool,
-    plus the batch's device decoding for a JPEG decoded on the GPU), ``detect`` and ``pose``
-    (compute seconds of the whole batch the image ran in), ``total`` (from ``infer``'s call to the
-    answer).
-    """
-
-    result: ImageResult
-    timing_ms: dict[str, float]
-    image: torch.Tensor | None = None  # (3, H, W) uint8 on the CPU, when ``return_image``
-
-
-class EngineObserver(Protocol):
-    """Metrics hooks. Called from the event loop and from worker threads: keep them quick."""
-
-    def on_queue_depth(self, depth: int) -> None:
-        """Jobs admitted and not yet running (decoding + queued) changed to ``depth``."""
-        ...
-
-    def on_queue_wait(self, seconds: float) -> None:
-        """One job waited ``seconds`` in the queue before a worker took it."""
-        ...
-
-    def on_batch(self, stats: BatchStats, images: int) -> None:
-        """A pipeline call over ``images`` images succeeded (per-stage sizes and seconds in stats,
-        persons per image in ``stats.persons_per_image``)."""
-        ...
-
-
-class NoopObserver:
-    """An observer that records nothing (the default; subclass it to override some hooks)."""
-
-    def on_queue_depth(self, depth: int) -> None:
-        """Ignore."""
-
-    def on_queue_wait(self, seconds: float) -> None:
-        """Ignore."""
-
-    def on_batch(self, stats: BatchStats, images: int) -> None:
-        """Ignore."""
 
 
 def _timed_decode(

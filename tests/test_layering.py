@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("fastapi", "starlette", "grpc", "prometheus_client", "uvicorn", "httpx")
 ENGINE_SIDE = (
     "service.engine",
+    "service.engine_api",
     "service.errors",
     "service.validation",
     "service.uploads",
