@@ -14,7 +14,7 @@ Backends (``BACKENDS``):
 
 * ``torch``: the PyTorch modules as built.
 * ``openvino``: OpenVINO's CPU plugin. fp32 runs as f32 (``INFERENCE_PRECISION_HINT=f32``: OpenVINO
-  would otherwise pick bf16 on CPUs that have it), exact to ~2e-7 against PyTorch. Where the CPU
+  would otherwise pick bf16 on CPUs that have it), within 5e-7 of PyTorch. Where the CPU
   has bf16 (``OPTIMIZATION_CAPABILITIES`` lists BF16: AVX-512 BF16 or AMX), a second compilation
   in bf16 serves requests that ask for ``precision="bf16"`` (``BackendPoseModel.variants``).
 * ``onnxruntime``: ONNX Runtime's CPU provider, fp32.

@@ -29,8 +29,10 @@ Role = Literal["pose", "detector"]
 # Where a model's weights come from:
 #   "checkpoint": a file the operator gives (official DistilPose checkpoints: Baidu Pan only);
 #   "cache": converted by `pose-service models fetch` into the cache directory (reference models);
-#   "torchvision": torchvision's published weights by enum name ("DEFAULT", "COCO_V1"), or a file.
-WeightsSource = Literal["checkpoint", "cache", "torchvision"]
+#   "torchvision": torchvision's published weights by enum name ("DEFAULT", "COCO_V1"), or a file;
+#   "none": no network, so no weights (``identity``: ``build_pipeline`` answers from the caller's
+#       boxes without cropping, ``model.identity``).
+WeightsSource = Literal["checkpoint", "cache", "torchvision", "none"]
 
 # The detector settings (keyword names of the detector builders) and what each means.
 DETECTOR_SETTINGS: dict[str, str] = {
@@ -118,6 +120,12 @@ def _reference_pose(name: str) -> PoseBuilder:
     return build
 
 
+def _identity(weights: str | None, device: str | torch.device) -> PoseModel:
+    from model.identity import build
+
+    return build(weights, device)
+
+
 def _reference_detector(name: str) -> DetectorBuilder:
     def build(weights: str | None, device: str | torch.device, **settings: Any) -> Detector:
         from model.reference import load_detector
@@ -188,6 +196,20 @@ CATALOGUE: dict[str, ModelSpec] = {
         input_spec="256x256 RGB crop (padding 1.5), [0, 1] pixels; 33 points mapped to COCO-17",
         detector_settings=(),
         source="BlazePose GHUM full: pose_landmark_full.tflite in mediapipe==0.10.21 (PyPI)",
+        licence="Apache-2.0",
+    ),
+    # No network: answers the caller's boxes with zero keypoints, to measure the serving path.
+    "identity": ModelSpec(
+        name="identity",
+        role="pose",
+        build=_identity,
+        weights="none",
+        weights_required=False,
+        default_weights=None,
+        input_spec="none: the caller's boxes come back as persons, 17 keypoints (0, 0) score 0",
+        detector_settings=(),
+        source="built in: no network (a baseline for the serving path, as Triton's identity "
+        "models are for perf_analyzer)",
         licence="Apache-2.0",
     ),
     "ssdlite_person": ModelSpec(

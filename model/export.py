@@ -59,7 +59,7 @@ OPSET = 17
 EXPORT_VERSION = 1
 META_PREFIX = "distilpose_service."
 # Largest |ONNX - PyTorch| accepted per output, fp32. DistilPose: the golden tests' tolerances
-# (coordinates in [0, 1] crop units: 1e-5 is 0.003 px of a 256 px crop; measured ~2e-7).
+# (coordinates in [0, 1] crop units: 1e-5 is 0.003 px of a 256 px crop; measured < 5e-7).
 # BlazePose's visibility scores: 1e-4 (measured up to 2.4e-5: its 39 deep depthwise branches sum
 # in another order under ONNX Runtime than in PyTorch's channels-last kernels).
 POSE_TOLERANCES: dict[str, float] = {"coords": 1e-5, "scores": 3e-5, "sigmas": 3e-5}
@@ -441,10 +441,11 @@ def export_cached(net: Any, name: str, cache_dir: Path | str, source_weights_sha
 
 
 def exportable() -> list[str]:
-    """Catalogue models ``export_model`` exports: all but the torchvision detectors."""
+    """Catalogue models ``export_model`` exports: all but the torchvision detectors and the models
+    without a network (``identity``)."""
     from model.catalogue import CATALOGUE
 
-    return [name for name, spec in CATALOGUE.items() if spec.weights != "torchvision"]
+    return [name for name, spec in CATALOGUE.items() if spec.weights not in ("torchvision", "none")]
 
 
 def export_model(

@@ -455,6 +455,9 @@ def build_pipeline(
 ) -> TopDownPipeline:
     """Build a pipeline from catalogue names (``model.catalogue``) and weight files.
 
+    A catalogue model without weights (``identity``) gets ``model.identity.IdentityPipeline``, which
+    computes nothing; it takes no detector and ignores ``backend``.
+
     Args:
         model: a pose model of the catalogue; None infers the DistilPose variant from ``weights``.
         weights: pose weight file (a "cache" model: its cached file, or None for the default
@@ -484,6 +487,13 @@ def build_pipeline(
         pose: PoseModel = create_model(None, weights=weights, device=device)
     else:
         pose = build_pose_model(model, weights, device)
+    if model is not None and CATALOGUE[model].weights == "none":
+        # No network (``model.identity``): the persons are the caller's boxes; no crop, no detector.
+        from model.identity import IdentityPipeline
+
+        if detector not in (None, "none"):
+            raise ValueError(f"{model} answers the caller's boxes: no detector, not {detector}")
+        return IdentityPipeline(pose, device=device, max_crops_per_batch=max_crops_per_batch)
     det: Detector | None = None
     if detector is not None and detector != "none":
         det = build_detector(detector, detector_weights, device, dict(detector_settings or {}))

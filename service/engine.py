@@ -294,6 +294,11 @@ class Engine:
                 image, boxes or options are invalid (``service.validation``: checked here, once,
                 so that one bad request cannot fail a batch).
         """
+        return await self._infer(request)
+
+    async def _infer(self, request: PoseRequest) -> PoseResponse:
+        """``infer``'s work; the engine's own sub-requests (``infer_many``, a split request) come
+        here directly, so that a caller wrapping ``infer`` sees only its own calls."""
         if not self.ready:
             raise NotReadyError("draining" if self._draining else "the engine is not ready")
         loop = asyncio.get_running_loop()
@@ -409,7 +414,7 @@ class Engine:
             ClientClosedError: ``abandoned`` completed first.
             EngineError: The first job's error (see ``infer``).
         """
-        tasks = [asyncio.create_task(self.infer(request)) for request in requests]
+        tasks = [asyncio.create_task(self._infer(request)) for request in requests]
         watcher = asyncio.ensure_future(abandoned) if abandoned is not None else None
         pending = set(tasks)
         try:

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     # What is served.
     model: str | None = Field(
         default=None,
-        description="pose model: distilpose_s, distilpose_l or blazepose_full; default: inferred "
+        description="pose model: distilpose_s, distilpose_l, blazepose_full, or identity (no "
+        "network: answers the caller's boxes, to measure the serving path); default: inferred "
         "from --weights, else the cached reference model blazepose_full",
     )
     weights: str | None = Field(

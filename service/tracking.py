@@ -10,17 +10,21 @@ What it does, and from whom the idea comes:
 
 - **Ids** (Ultralytics ``track``, ByteTrack): persons of a frame the detector ran on are matched to
   the stream's live tracks by the best one-to-one assignment (scipy's ``linear_sum_assignment``)
-  over a similarity that is the larger of the keypoints' OKS (COCO sigmas) and the boxes' IoU: OKS
-  says two poses agree, IoU keeps a small or fast person matched when OKS collapses. A pair below
-  ``match_threshold`` is no match. An unmatched person gets a new id (ids count up from 1 and are
-  never reused within a stream); a track unseen for more than ``max_unseen_frames`` frames is
-  retired.
+  over the larger of the keypoints' OKS (COCO sigmas; the track's keypoints moved on by its
+  velocity) and the boxes' IoU. A track whose last tracked pose broke from its motion altogether
+  (OKS below 0.2: a cut) keeps its last good pose and matches by OKS alone: at a cut another
+  person may stand in the same box, not in the same pose. A pair below ``match_threshold`` is no
+  match. An unmatched person gets a new id (ids count up from 1 and are never reused within a
+  stream); a track unseen for more than ``max_unseen_frames`` frames is retired.
 - **Detector skipping** (rtmlib's ``PoseTracker``, MediaPipe's tracking region): with
-  ``detect_every`` N > 1 the boxes of frame t are the hulls of frame t-1's keypoints, padded, and
-  the detector runs on every N-th frame, and on the next frame whenever a tracked person scores
-  below ``min_track_score`` (lost) or two tracks collapse onto one person. Such a frame needs the
-  previous frame's answer, so a stream with N > 1 runs its frames one at a time (and marks them
-  ``eager``: the batcher does not hold them waiting for a batch); with N <= 1 frames run
+  ``detect_every`` N > 1 the boxes of frame t come from frame t-1's keypoints: their hull, moved on
+  by the track's velocity (a pan moves everyone) and given the margins the detector's box last had
+  around that hull (else padded by ``box_padding``), its size changing by at most 15 % a frame.
+  The detector runs on every N-th frame, and on the next frame whenever a tracked person scores
+  below ``min_track_score`` (lost: left out), lands where its motion did not predict (OKS below
+  ``min_track_oks``: a cut, an occlusion) or two tracks collapse onto one person. Such a frame needs
+  the previous frame's answer, so a stream with N > 1 runs its frames one at a time (and marks
+  them ``eager``: the batcher does not hold them waiting for a batch); with N <= 1 frames run
   concurrently and only the matching is done in frame order.
 - **Smoothing** (MediaPipe Pose, Casiez et al. "1 Euro Filter", CHI 2012): a One Euro filter per
   keypoint coordinate per track, timed by the frame's ``timestamp_ms`` when given, else by its
@@ -40,12 +44,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from model.interfaces import ImageResult, Person
-from model.keypoints import COCO_OKS_SIGMAS
 from service.engine import Engine, PoseRequest, PoseResponse
 from service.errors import InvalidRequestError, NotReadyError
+from service.track_math import KEYPOINT_MIN_SCORE, OneEuroFilter, iou, match, oks, similarity
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -58,19 +61,21 @@ __all__ = [
     "TrackedFrame",
     "Tracker",
     "TrackerConfig",
+    "iou",
     "match",
+    "oks",
     "similarity",
     "start_tracker",
 ]
 
 MAX_DETECT_EVERY = 1000
-# A keypoint counts (for box hulls and OKS) when its raw score is above this: the pipeline's own
-# visibility threshold of the instance rescoring.
-KEYPOINT_MIN_SCORE = 0.2
 # Two persons of one tracked frame this alike (OKS) are one person: the official OKS-NMS threshold.
 DUPLICATE_OKS = 0.9
 # Weight of the newest displacement in a track's velocity.
 _VELOCITY_NEW = 0.7
+# A tracked pose agreeing less than this (OKS) with its prediction is another pose altogether (a
+# cut): its track keeps the pose before and matches by pose alone.
+_BROKEN_OKS = 0.2
 # Most a tracked box's width or height may change from one frame to the next (x or /): a box
 # feeds the keypoints that make the next box, so an unbounded loop could grow or shrink it away.
 _MAX_SIZE_STEP = 1.15
@@ -138,6 +143,8 @@ class TrackerConfig:
         min_track_score: A person on tracked boxes scoring below this (mean of its keypoint
             scores above 0.2) is lost: left out, and the detector runs on the next frame.
         match_threshold: Least similarity (max of OKS and IoU) of a track and a person to match.
+        min_track_oks: A person on tracked boxes whose keypoints agree less than this (OKS)
+            with where the track's motion put them is kept, and the detector runs next frame.
         box_padding: A tracked box is the keypoints' hull scaled by this about its centre.
         min_box_size_px: A tracked box smaller than this (after clipping to the image) is lost.
     """
@@ -145,6 +152,7 @@ class TrackerConfig:
     max_unseen_frames: int = 30
     min_track_score: float = 0.3
     match_threshold: float = 0.3
+    min_track_oks: float = 0.5
     box_padding: float = 1.25
     min_box_size_px: float = 2.0
 
@@ -171,41 +179,6 @@ class TrackedFrame:
     detector_ran: bool
 
 
-class OneEuroFilter:
-    """The One Euro filter over an array of values (e.g. (K, 2) keypoint pixels), elementwise.
-
-    ``x_hat = a(fc) x + (1 - a(fc)) x_hat_prev`` with ``fc = min_cutoff + beta |dx_hat|`` and
-    ``a(f) = 1 / (1 + 1 / (2 pi f dt))``; ``dx_hat`` is the speed, itself low-passed at
-    ``d_cutoff``.
-    """
-
-    def __init__(self, params: Smoothing) -> None:
-        self.params = params
-        self._x: np.ndarray | None = None
-        self._dx: np.ndarray | None = None
-        self._t = 0.0
-
-    @staticmethod
-    def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
-        return 1.0 / (1.0 + 1.0 / (2.0 * math.pi * cutoff * dt))
-
-    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
-        """Filter ``x`` taken at ``t`` seconds; the first call returns ``x`` itself."""
-        if self._x is None or self._dx is None:
-            self._x, self._dx, self._t = x.copy(), np.zeros_like(x), t
-            return x.copy()
-        dt = t - self._t
-        if not dt > 0:  # a repeated or backwards timestamp: one frame at the nominal rate
-            dt = 1.0 / self.params.fps
-        p = self.params
-        dx = (x - self._x) / dt
-        self._dx = self._dx + self._alpha(p.d_cutoff, dt) * (dx - self._dx)
-        cutoff = p.min_cutoff + p.beta * np.abs(self._dx)
-        self._x = self._x + self._alpha(cutoff, dt) * (x - self._x)
-        self._t = t
-        return self._x.copy()
-
-
 @dataclass
 class _Track:
     id: int
@@ -218,6 +191,8 @@ class _Track:
     # Where the last detector (or caller) box lay around the keypoints' hull: left, top, right
     # and bottom margins in hull widths and heights, (4,); tracked boxes keep them.
     margins: np.ndarray | None = None
+    broken: bool = False  # its last tracked pose broke from its motion (kept the one before)
+    sightings: int = 0  # its velocity is known from the second on
 
     def predicted(self, frames: int = 1) -> np.ndarray:
         """(K, 3) keypoints moved on ``frames`` frames at the track's velocity."""
@@ -243,6 +218,7 @@ class _Track:
             shift = (keypoints[both, :2] - self.keypoints[both, :2]).mean(0) / (self.unseen + 1)
             self.velocity = _VELOCITY_NEW * shift + (1 - _VELOCITY_NEW) * self.velocity
         self.keypoints, self.box = keypoints, box
+        self.sightings += 1
 
 
 def _hull_of(keypoints: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -263,68 +239,6 @@ def _quality(person: Person) -> float:
     scores = _keypoints(person)[:, 2]
     good = scores[scores > KEYPOINT_MIN_SCORE]
     return float(good.mean()) if good.size else 0.0
-
-
-def similarity(
-    keypoints_a: np.ndarray,
-    boxes_a: np.ndarray,
-    keypoints_b: np.ndarray,
-    boxes_b: np.ndarray,
-) -> np.ndarray:
-    """Pairwise similarity of two sets of persons: max(OKS, IoU).
-
-    OKS is COCO's over the keypoints scored above 0.2 in both persons (0 when none is), with the
-    mean of the two box areas as the scale; IoU is the boxes'.
-
-    Args:
-        keypoints_a: (A, K, 3) x, y, score in pixels.
-        boxes_a: (A, 4) x, y, w, h in pixels.
-        keypoints_b: (B, K, 3).
-        boxes_b: (B, 4).
-
-    Returns:
-        (A, B) similarities in [0, 1].
-    """
-    a, b = len(boxes_a), len(boxes_b)
-    if a == 0 or b == 0:
-        return np.zeros((a, b))
-    k = keypoints_a.shape[1]
-    sigmas = np.asarray(COCO_OKS_SIGMAS if k == len(COCO_OKS_SIGMAS) else [0.07] * k)
-    var = (2 * sigmas) ** 2  # (K,)
-    area_a = boxes_a[:, 2] * boxes_a[:, 3]
-    area_b = boxes_b[:, 2] * boxes_b[:, 3]
-    scale = (area_a[:, None] + area_b[None, :]) / 2 + np.finfo(np.float64).eps  # (A, B)
-    d2 = ((keypoints_a[:, None, :, :2] - keypoints_b[None, :, :, :2]) ** 2).sum(-1)  # (A, B, K)
-    e = np.exp(-d2 / var / scale[..., None] / 2)
-    visible = (keypoints_a[:, None, :, 2] > KEYPOINT_MIN_SCORE) & (
-        keypoints_b[None, :, :, 2] > KEYPOINT_MIN_SCORE
-    )
-    count = visible.sum(-1)
-    oks = np.where(count > 0, (e * visible).sum(-1) / np.maximum(count, 1), 0.0)
-    x1 = np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0])
-    y1 = np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1])
-    x2 = np.minimum((boxes_a[:, 0] + boxes_a[:, 2])[:, None], (boxes_b[:, 0] + boxes_b[:, 2])[None])
-    y2 = np.minimum((boxes_a[:, 1] + boxes_a[:, 3])[:, None], (boxes_b[:, 1] + boxes_b[:, 3])[None])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-    return np.maximum(oks, iou)
-
-
-def match(scores: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """The one-to-one assignment of rows to columns with the largest total score (Hungarian
-    method, scipy), keeping the pairs scoring at least ``threshold``.
-
-    Args:
-        scores: (A, B) similarities.
-
-    Returns:
-        (row, column) pairs.
-    """
-    if scores.size == 0:
-        return []
-    rows, cols = linear_sum_assignment(scores, maximize=True)
-    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if scores[r, c] >= threshold]
 
 
 class Tracker:
@@ -494,6 +408,7 @@ class Tracker:
             pairs = []
             order = sorted(range(len(persons)), key=lambda i: -persons[i].score)
             kept: list[int] = []
+            broken: set[int] = set()  # answered, but their track keeps its last good pose
             for i in order:
                 bad = _quality(persons[i]) < self.config.min_track_score
                 if not bad and kept:
@@ -506,9 +421,21 @@ class Tracker:
                     bad = bool((same >= DUPLICATE_OKS).any())
                 if bad:
                     lost = True
-                else:
-                    kept.append(i)
-                    pairs.append((i, i))
+                    continue
+                kept.append(i)
+                pairs.append((i, i))
+                # Kept, but where the motion did not predict it: the detector checks next frame.
+                agreement = oks(
+                    live[i].predicted()[None],
+                    np.asarray([live[i].box]),
+                    _keypoints(persons[i])[None],
+                    np.asarray([persons[i].bbox]),
+                )
+                moving = live[i].sightings >= 2  # else its motion is not known yet
+                if moving and float(agreement[0, 0]) < self.config.min_track_oks:
+                    lost = True
+                    if float(agreement[0, 0]) < _BROKEN_OKS:
+                        broken.add(i)
             tracks = live
         else:
             tracks = [t for t in self._tracks if t.unseen <= self.config.max_unseen_frames]
@@ -523,7 +450,16 @@ class Tracker:
                 np.stack([_keypoints(p) for p in persons]) if persons else np.zeros((0, 0, 3)),
                 np.asarray([p.bbox for p in persons]).reshape(-1, 4),
             )
+            for row, track in enumerate(tracks):
+                if track.broken and persons:  # by pose alone: see the module docstring
+                    scores[row] = oks(
+                        track.predicted(track.unseen + 1)[None],
+                        np.asarray([track.box]),
+                        np.stack([_keypoints(p) for p in persons]),
+                        np.asarray([p.bbox for p in persons]).reshape(-1, 4),
+                    )[0]
             pairs = [(p, t) for t, p in match(scores, self.config.match_threshold)]
+            broken = set()
         seen: dict[int, int] = {}  # person index -> its track's position in self._tracks
         for person_index, track_index in pairs:
             track = tracks[track_index]
@@ -543,7 +479,9 @@ class Tracker:
             track = self._tracks[position]
             person = persons[person_index]
             refound = track.unseen > 0
-            track.sighted(_keypoints(person), person.bbox, boxed=not tracked)
+            track.broken = person_index in broken
+            if not track.broken:
+                track.sighted(_keypoints(person), person.bbox, boxed=not tracked)
             track.unseen = -1
             if not tracked:
                 track.box_score = person.bbox_score
@@ -580,10 +518,11 @@ class Tracker:
         if track.smoother is None or refound:
             track.smoother = OneEuroFilter(params)
         when = t if t is not None else frame / params.fps
-        xy = track.smoother(track.keypoints[:, :2], when)
+        raw = _keypoints(person)
+        xy = track.smoother(raw[:, :2], when)
         keypoints = [
             (float(x), float(y), float(s))
-            for (x, y), s in zip(xy.tolist(), track.keypoints[:, 2].tolist(), strict=True)
+            for (x, y), s in zip(xy.tolist(), raw[:, 2].tolist(), strict=True)
         ]
         return replace(person, keypoints=keypoints)
 

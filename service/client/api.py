@@ -84,6 +84,9 @@ class Options:
     oks_nms: bool | None = None
     precision: str | None = None
     swap_flip_scores: bool | None = None
+    # Tracking (gRPC streams only): read from the stream's first frame.
+    track: bool | None = None
+    detect_every: int | None = None
 
     def given(self) -> dict[str, Any]:
         """The options that are set."""
@@ -223,8 +226,12 @@ def response_to_dict(response: Any) -> dict[str, Any]:
         }
         if person.keypoints and person.keypoints[0].HasField("sigma_x"):
             entry["sigmas"] = [[k.sigma_x, k.sigma_y] for k in person.keypoints]
+        if person.HasField("track_id"):
+            entry["track_id"] = person.track_id
         persons.append(entry)
     out["persons"] = persons
+    if response.detector_ran or any("track_id" in p for p in persons):
+        out["detector_ran"] = response.detector_ran
     out["image"] = {"width": response.width, "height": response.height}
     out["timing_ms"] = dict(response.timing_ms)
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from service.client.api import PRECISIONS, Options, PoseClient, PoseClientError, connect
-from service.client.draw import render_frame
+from service.client.draw import Mp4Writer, draw_result, render_frame
 from service.client.media import (
     Frame,
     MediaError,
@@ -152,8 +153,9 @@ def _parser(json_errors: bool = False) -> _Parser:
     add(
         "--render",
         type=Path,
-        metavar="DIR",
-        help="write the frames with the poses drawn here, as JPEG",
+        metavar="DIR|FILE.mp4",
+        help="write the frames with the poses drawn here, as JPEG; a path ending in .mp4: "
+        "one H.264 video of them (PyAV)",
     )
     add("--min-score", type=float, metavar="S", help=_MIN_SCORE_HELP)
     add(
@@ -168,6 +170,13 @@ def _parser(json_errors: bool = False) -> _Parser:
     add("--oks-nms", action="store_true", help="OKS-NMS over detector persons")
     add("--precision", choices=sorted(PRECISIONS), help="on CUDA")
     add("--stream", action="store_true", help="send a folder as video frames")
+    add("--track", action="store_true", help="videos: stable track_id per person (gRPC)")
+    add(
+        "--detect-every",
+        type=_positive(int),
+        metavar="N",
+        help="with --track: the detector on every N-th frame, tracked boxes between",
+    )
     add("--frame-format", choices=("jpeg", "png", "raw"), default="jpeg", help=_FRAME_HELP)
     add(
         "--window",
@@ -334,6 +343,7 @@ class _Run:
     coco: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     rendered: dict[str, str] = field(default_factory=dict)  # render name -> its source
+    video: Mp4Writer | None = None  # --render FILE.mp4
     results: int = 0
     failed: int = 0
 
@@ -345,6 +355,8 @@ class _Run:
             return_sigmas=True if args.sigmas else None,
             oks_nms=True if args.oks_nms else None,
             precision=args.precision,
+            track=True if args.track else None,
+            detect_every=args.detect_every,
         )
 
     async def write(self, frame: Frame, item: Item, result: dict[str, Any]) -> None:
@@ -370,9 +382,13 @@ class _Run:
             self.out.write(json.dumps(line) + "\n")
             self.out.flush()
         if self.args.render is not None and "error" not in line:
-            path = self.args.render / self._render_name(item)
             draw_from = min_score if min_score is not None else DRAW_MIN_SCORE
-            await asyncio.to_thread(render_frame, frame, line, self.info, path, draw_from)
+            if self.video is not None:
+                picture = await asyncio.to_thread(draw_result, frame, line, self.info, draw_from)
+                await asyncio.to_thread(self.video.add, picture)
+            else:
+                path = self.args.render / self._render_name(item)
+                await asyncio.to_thread(render_frame, frame, line, self.info, path, draw_from)
         self.progress.advance()
 
     def _render_name(self, item: Item) -> str:
@@ -444,9 +460,10 @@ async def _send(run: _Run, job: Job) -> None:
     args = run.args
     if job.stream:
         results = run.client.stream(frames(), options=run.options, window=args.window)
-    else:
+    else:  # single images: no tracking (Estimate refuses it)
+        options = dataclasses.replace(run.options, track=None, detect_every=None)
         results = run.client.estimate_many(
-            frames(), options=run.options, timeout_s=args.timeout, window=args.concurrency
+            frames(), options=options, timeout_s=args.timeout, window=args.concurrency
         )
     if job.progress:
         run.progress.start(job.label, job.total)
@@ -463,6 +480,12 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     """The run itself; failures raise (``_main`` turns them into one line)."""
     if args.frame_format == "raw" and args.target.startswith(("http://", "https://")):
         raise UsageError("--frame-format raw sends pixels, which only gRPC carries")
+    if (args.track or args.detect_every) and args.target.startswith(("http://", "https://")):
+        raise UsageError(
+            "--track streams over gRPC; over HTTP, POST the video file to /v1/pose/video?track=true"
+        )
+    if args.detect_every and not args.track:
+        raise UsageError("--detect-every needs --track")
     progress = Progress(sys.stderr, enabled=sys.stderr.isatty() and not args.json)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get(OLD_API_KEY_ENV)
     async with connect(args.target, api_key=api_key or None, timeout_s=args.timeout) as client:
@@ -478,11 +501,20 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 run.coco_order = coco_order(run.info.get("keypoint_names", ()))
             except ValueError as exc:
                 raise UsageError(str(exc)) from exc
-        if args.render is not None:
+        if args.render is not None and args.render.suffix.lower() == ".mp4":
+            try:
+                run.video = Mp4Writer(args.render)
+            except ImportError as exc:
+                raise UsageError("--render FILE.mp4 needs PyAV (pip install av)") from exc
+        elif args.render is not None:
             args.render.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        for job in jobs:
-            await _send(run, job)
+        try:
+            for job in jobs:
+                await _send(run, job)
+        finally:
+            if run.video is not None:
+                await asyncio.to_thread(run.video.close)
         elapsed = time.monotonic() - started
     if run.coco_order is not None:
         json.dump(run.coco, out)

@@ -103,6 +103,61 @@ def draw_poses(
     return canvas
 
 
+class Mp4Writer:
+    """Drawn frames into one H.264 MP4 (``pose-client --render out.mp4``), with PyAV.
+
+    Frames of another size than the first are scaled to it; ``close`` finishes the file.
+
+    Raises:
+        ImportError: PyAV is not installed (``pip install av``).
+    """
+
+    def __init__(self, path: Path, fps: int = 30) -> None:
+        import av  # type: ignore[import-not-found]
+
+        self._av = av
+        self.path = path
+        self.fps = fps
+        self._container: Any = None
+        self._stream: Any = None
+
+    def add(self, picture: Image.Image) -> None:
+        """Append one frame."""
+        if self._container is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = self._av.open(str(self.path), "w", format="mp4")
+            self._stream = self._container.add_stream("h264", rate=self.fps)
+            # yuv420p wants even sizes
+            self._stream.width = picture.width - picture.width % 2
+            self._stream.height = picture.height - picture.height % 2
+            self._stream.pix_fmt = "yuv420p"
+        size = (self._stream.width, self._stream.height)
+        if picture.size != size:
+            picture = picture.resize(size)
+        frame = self._av.VideoFrame.from_image(picture.convert("RGB"))
+        self._container.mux(self._stream.encode(frame))
+
+    def close(self) -> None:
+        """Flush the encoder and close the file (nothing is written without a frame)."""
+        if self._container is not None:
+            self._container.mux(self._stream.encode())
+            self._container.close()
+            self._container = None
+
+
+def draw_result(
+    frame: Frame, result: dict[str, Any], info: dict[str, Any], min_score: float
+) -> Image.Image:
+    """``result`` drawn on its frame (see ``render_frame``)."""
+    return draw_poses(
+        frame_image(frame),
+        result.get("persons", ()),
+        info.get("keypoint_names", ()),
+        info.get("skeleton", ()),
+        min_score=min_score,
+    )
+
+
 def render_frame(
     frame: Frame, result: dict[str, Any], info: dict[str, Any], path: Path, min_score: float
 ) -> Path:
@@ -118,13 +173,7 @@ def render_frame(
     Raises:
         OSError: the frame cannot be decoded here, or the file cannot be written.
     """
-    canvas = draw_poses(
-        frame_image(frame),
-        result.get("persons", ()),
-        info.get("keypoint_names", ()),
-        info.get("skeleton", ()),
-        min_score=min_score,
-    )
+    canvas = draw_result(frame, result, info, min_score)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="JPEG", quality=90)
     return path

@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -57,6 +55,8 @@ def exported_s(
 def test_cli_writes_provenance(
     exported_s: tuple[Path, dict], distilpose_s_checkpoint: Path
 ) -> None:
+    import onnx
+
     path, summary = exported_s
     assert summary["path"] == str(path) and summary["model"] == "distilpose_s"
     assert summary["file_sha256"] == sha256_file(path)
@@ -73,6 +73,8 @@ def test_cli_writes_provenance(
 
 def test_golden_outputs_from_the_onnx_file(exported_s: tuple[Path, dict]) -> None:
     """ONNX Runtime on the golden input (batch 2 and 1) against the official outputs."""
+    import onnxruntime as ort
+
     path, _ = exported_s
     golden = load_golden("distilpose_s")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -92,6 +94,8 @@ def test_golden_outputs_from_the_onnx_file(exported_s: tuple[Path, dict]) -> Non
 def test_verify_refuses_edited_or_foreign_files(
     exported_s: tuple[Path, dict], tmp_path: Path
 ) -> None:
+    import onnx
+
     path, _ = exported_s
     model = onnx.load(str(path))
     with pytest.raises(ExportError, match="other weights"):

@@ -128,6 +128,7 @@ def engine_for(pipeline: Any, settings: Settings, *, max_delay_ms: float = 0.0) 
         warmup=True,
         drain_grace_s=settings.drain_grace_s,
         limits=settings.request_limits(),
+        max_boxes_per_job=settings.max_boxes_per_job,
     )
     decoder = functools.partial(decode_image, max_pixels=settings.max_image_pixels)
     return Engine(lambda device: pipeline, ["cpu"], config, decoder=decoder)
