@@ -22,7 +22,8 @@ Choices where the task was silent (also in the README):
   output (broken weights, fp16 overflow) is reported as 0 so that every number is a finite float.
 * Detector persons are ordered by instance score (then detector order); OKS-NMS, when asked, is
   applied to detector persons only. Caller boxes keep their order and are never suppressed.
-* Sigmas come from the plain (not flipped) pass, in pixels along the crop axes.
+* Sigmas come from the plain (not flipped) pass, in pixels along the crop axes; a model without
+  sigmas (``PoseModelInfo.has_sigmas`` false) answers none when they are asked for, never zeros.
 * On CUDA, fp32 means IEEE fp32: creating a pipeline on a CUDA device turns TF32 off for
   convolutions and matmuls (process-wide); bf16/fp16 (autocast) are the fast options. CPU runs
   fp32, except bf16 where the pose model has a bf16 variant (OpenVINO on a CPU with bf16,
@@ -405,7 +406,9 @@ class TopDownPipeline:
             rows = per_item[i]
             if from_detector[i] and rows:
                 rows = self._order_detections(host, rows, plan.options.oks_nms)
-            persons = [self._person(values[r], k, plan.options.return_sigmas) for r in rows]
+            # A model without sigmas answers none, never zeros (which would read as certainty).
+            sigmas = plan.options.return_sigmas and self.info.has_sigmas
+            persons = [self._person(values[r], k, sigmas) for r in rows]
             results.append(ImageResult(width=plan.width, height=plan.height, persons=persons))
         return results
 

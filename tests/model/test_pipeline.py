@@ -7,6 +7,7 @@ test_pipeline_golden.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -380,3 +381,17 @@ def test_build_pipeline_random_distilpose_none_detector() -> None:
     )
     assert pipe.detector is None and pipe.max_crops_per_batch == 8
     assert pipe.describe().model == "distilpose_s" and pipe.describe().weights_sha256 is None
+
+
+def test_a_model_without_sigmas_answers_none_never_zeros() -> None:
+    pose = BrightestPixelPose()
+    pose.info = dataclasses.replace(pose.info, has_sigmas=False)
+    image = torch.zeros((3, 64, 48), dtype=torch.uint8)
+    item = PipelineItem(
+        image=image,
+        boxes=torch.tensor([[4.0, 4.0, 40.0, 56.0]]),
+        options=PoseOptions(return_sigmas=True),
+    )
+    (result,), _ = TopDownPipeline(pose).run([item])
+    assert result.persons[0].sigmas is None
+    assert TopDownPipeline(pose).describe().has_sigmas is False
