@@ -44,7 +44,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from model.pipeline import build_pipeline
-from service.engine import Engine, EngineConfig, Pipeline
+from service.engine import Engine, Pipeline
 from service.gpu_decode import probe_image
 from service.metrics import Metrics
 from service.model_choice import DETECTOR_SETTINGS, ModelChoice, SetupError, choose_model
@@ -106,19 +106,7 @@ async def serve(
         logger.info("serving %s", choice.summary)
         pipeline_factory = partial(_build_pipeline, choice, settings)
     metrics = Metrics()
-    config = EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_delay_ms=settings.max_delay_ms,
-        max_queue_size=settings.max_queue_size,
-        decode_workers=settings.decode_workers,
-        warmup=settings.warmup,
-        drain_grace_s=settings.drain_grace_s,
-        gpu_decode=settings.gpu_decode,
-        limits=settings.request_limits(),
-        max_queue_wait_ms=settings.max_queue_wait_ms,
-        max_inflight_image_bytes=settings.max_inflight_image_bytes,
-        max_boxes_per_job=settings.max_boxes_per_job,
-    )
+    config = settings.engine_config()
     engine = Engine(
         pipeline_factory,
         settings.devices(),

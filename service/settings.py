@@ -26,6 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from service.engine_api import EngineConfig
 from service.validation import RequestLimits
 
 ENV_PREFIX = "POSE_"
@@ -310,6 +311,23 @@ class Settings(BaseSettings):
                 f"detector_max_size_px ({high}) must be >= detector_min_size_px ({low})"
             )
         return self
+
+    def engine_config(self, **overrides: Any) -> EngineConfig:
+        """The engine's knobs from these settings (the one mapping; ``overrides`` replace any)."""
+        fields: dict[str, Any] = {
+            "max_batch_size": self.max_batch_size,
+            "max_delay_ms": self.max_delay_ms,
+            "max_queue_size": self.max_queue_size,
+            "decode_workers": self.decode_workers,
+            "warmup": self.warmup,
+            "drain_grace_s": self.drain_grace_s,
+            "gpu_decode": self.gpu_decode,
+            "limits": self.request_limits(),
+            "max_queue_wait_ms": self.max_queue_wait_ms,
+            "max_inflight_image_bytes": self.max_inflight_image_bytes,
+            "max_boxes_per_job": self.max_boxes_per_job,
+        }
+        return EngineConfig(**{**fields, **overrides})
 
     def request_limits(self) -> RequestLimits:
         """What one request may ask for, as the engine checks it."""

@@ -23,7 +23,7 @@ import uvicorn
 from PIL import Image
 
 from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
-from service.engine import Engine, EngineConfig
+from service.engine import Engine
 from service.pb.pose.v1 import pose_pb2_grpc
 from service.rest import create_app
 from service.rpc import GrpcServer, create_grpc_server
@@ -120,16 +120,7 @@ def settings_for(**overrides: Any) -> Settings:
 
 def engine_for(pipeline: Any, settings: Settings, *, max_delay_ms: float = 0.0) -> Engine:
     """The real engine over ``pipeline`` with the settings' batching knobs."""
-    config = EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_delay_ms=max_delay_ms,
-        max_queue_size=settings.max_queue_size,
-        decode_workers=1,
-        warmup=True,
-        drain_grace_s=settings.drain_grace_s,
-        limits=settings.request_limits(),
-        max_boxes_per_job=settings.max_boxes_per_job,
-    )
+    config = settings.engine_config(max_delay_ms=max_delay_ms, decode_workers=1, warmup=True)
     decoder = functools.partial(decode_image, max_pixels=settings.max_image_pixels)
     return Engine(lambda device: pipeline, ["cpu"], config, decoder=decoder)
 
