@@ -27,64 +27,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import difflib
 import logging
 import os
-import signal
-import socket
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 
-from model.pipeline import build_pipeline
-from service.engine import Engine, Pipeline
-from service.gpu_decode import probe_image
+from service import serving
+from service.engine import Pipeline
 from service.metrics import Metrics
 from service.model_choice import DETECTOR_SETTINGS, ModelChoice, SetupError, choose_model
-from service.rest import create_app
 from service.rest_middleware import JsonLogFormatter
 from service.settings import Settings, UnknownSettingError
-from service.uploads import decode_image
 
 __all__ = ["DETECTOR_SETTINGS", "ModelChoice", "SetupError", "choose_model", "main", "serve"]
 
 logger = logging.getLogger("service")
-
-
-def _build_pipeline(choice: ModelChoice, settings: Settings, device: str) -> Pipeline:
-    """One pipeline for ``device`` (called in the engine's worker thread)."""
-    return build_pipeline(
-        model=choice.model,
-        weights=choice.weights,
-        detector=choice.detector,
-        detector_weights=choice.detector_weights,
-        device=device,
-        max_crops_per_batch=settings.max_crops_per_batch,
-        detector_settings=choice.detector_settings,
-        backend=settings.backend,
-        cache_dir=settings.cache_path(),
-    )
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: this module drains first, then stops it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn logs a failure to bind, then raises SystemExit out of this task, which would end
-        # the event loop with the gRPC server still up; ``serve`` below stops both instead.
-        with contextlib.suppress(SystemExit):
-            await super().serve(sockets)
 
 
 async def serve(
@@ -93,7 +56,8 @@ async def serve(
     pipeline_factory: Callable[[str], Pipeline] | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    """Run the service until SIGTERM/SIGINT (or ``stop``); returns the exit code.
+    """Run the service in this one process until SIGTERM/SIGINT (or ``stop``); returns the exit
+    code.
 
     Args:
         settings: everything.
@@ -104,137 +68,10 @@ async def serve(
     if pipeline_factory is None:
         choice = choose_model(settings)
         logger.info("serving %s", choice.summary)
-        pipeline_factory = partial(_build_pipeline, choice, settings)
+        pipeline_factory = serving.pipeline_factory(choice, settings)
     metrics = Metrics()
-    config = settings.engine_config()
-    engine = Engine(
-        pipeline_factory,
-        settings.devices(),
-        config,
-        decoder=partial(decode_image, max_pixels=settings.max_image_pixels),
-        probe=partial(probe_image, max_pixels=settings.max_image_pixels),
-        observer=metrics,
-    )
-    app = create_app(engine, settings, metrics=metrics)
-    http = _Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.http_port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=5,
-            # Connection bounds: beyond http_max_connections uvicorn answers 503 at once; an
-            # idle keep-alive connection is closed; a request head over the limit is refused.
-            limit_concurrency=settings.http_max_connections,
-            timeout_keep_alive=settings.http_keepalive_timeout_s,
-            h11_max_incomplete_event_size=settings.http_max_header_bytes,
-        )
-    )
-    # Imported here, not at the top: grpc's C core reads GRPC_VERBOSITY when grpc is first
-    # imported, and ``main`` sets it first (see ``_quiet_grpc_core``).
-    from service.rpc import create_grpc_server
-
-    grpc_server = create_grpc_server(engine, settings, metrics=metrics)
-    if stop is None:
-        stop = asyncio.Event()
-    force = _install_signal_handlers(stop)
-
-    try:
-        await grpc_server.start()
-    except Exception:
-        # grpc says only "Failed to bind"; the reason (its C core's log) is silenced.
-        reason = _bind_problem(settings.host, settings.grpc_port)
-        logger.exception(
-            "the gRPC server failed to start on %s:%s: %s",
-            settings.host,
-            settings.grpc_port,
-            reason or "see the exception (GRPC_VERBOSITY=debug shows gRPC's own log)",
-        )
-        return 1
-    http_task = asyncio.create_task(http.serve())
-    while not http.started:
-        if http_task.done():
-            await grpc_server.stop(0)
-            logger.error(
-                "the HTTP server failed to start on %s:%s: %s",
-                settings.host,
-                settings.http_port,
-                _bind_problem(settings.host, settings.http_port) or "see uvicorn's error above",
-            )
-            return 1
-        await asyncio.sleep(0.01)
-    http_port = http.servers[0].sockets[0].getsockname()[1]
-    logger.info("listening", extra={"http_port": http_port, "grpc_port": grpc_server.port})
-
-    code = 0
-    start_task = asyncio.create_task(engine.start())
-    stop_task = asyncio.create_task(stop.wait())
-    await asyncio.wait({start_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
-    if start_task.done() and start_task.exception() is None:
-        await grpc_server.set_serving(True)
-        logger.info("ready", extra={"model": engine.model_info().to_dict()})
-        await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
-    elif start_task.done():
-        logger.error("the model failed to load", exc_info=start_task.exception())
-        code = 1
-    else:
-        start_task.cancel()
-        await asyncio.gather(start_task, return_exceptions=True)
-
-    logger.info("draining", extra={"grace_s": 0.0 if force.is_set() else settings.drain_grace_s})
-    await grpc_server.set_serving(False)
-    drain = asyncio.create_task(engine.stop(settings.drain_grace_s))
-    forced = asyncio.create_task(force.wait())
-    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
-    forced.cancel()
-    if not drain.done():
-        await engine.stop(0)  # a second signal: fail what is left at once
-        await asyncio.gather(drain, return_exceptions=True)
-    http.should_exit = True
-    http.force_exit = force.is_set()
-    await asyncio.gather(http_task, return_exceptions=True)
-    await grpc_server.stop(0 if force.is_set() else 5.0)
-    stop_task.cancel()
-    logger.info("stopped")
-    return code
-
-
-def _install_signal_handlers(stop: asyncio.Event) -> asyncio.Event:
-    """SIGTERM/SIGINT set ``stop``; a second one sets the returned "force" event."""
-    force = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            force.set()
-        logger.info("signal %s received", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, on_signal, signum)
-    return force
-
-
-def _bind_problem(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound now ("Address already in use", ...), or None."""
-    try:
-        addresses = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except OSError as exc:
-        return str(exc)
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            # As grpc binds: a port in TIME_WAIT is free, one that something listens on is not.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                return exc.strerror or str(exc)
-    return None
+    engine = serving.build_engine(settings, pipeline_factory, metrics)
+    return await serving.run_servers(settings, engine, metrics, stop=stop)
 
 
 def configure_logging(level: str) -> None:
@@ -435,7 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("settings", extra={"settings": settings.public_dict()})
     _quiet_grpc_core()
     try:
-        return asyncio.run(serve(settings))
+        if settings.frontend_count() > 1:
+            from service.processes import supervise
+
+            return supervise(settings)
+        return serving.run(serve(settings))
     except SetupError as exc:
         logger.error("cannot serve: %s", exc)
         return 2

@@ -50,6 +50,7 @@ from service.engine_api import (
     NoopObserver,
     PoseRequest,
     PoseResponse,
+    infer_all,
 )
 from service.errors import (
     ClientClosedError,
@@ -404,37 +405,14 @@ class Engine:
     async def infer_many(
         self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
     ) -> list[PoseResponse]:
-        """Run several images, each as its own job (they batch with everything else).
-
-        All the answers in order, or the first error: the first failure (a refusal, a deadline)
-        cancels the jobs still pending, which are then dropped before the pipeline. So does
-        ``abandoned`` completing (e.g. the HTTP client disconnecting): ``ClientClosedError``.
+        """Run several images, each as its own job (they batch with everything else); all the
+        answers in order or the first error (``service.engine_api.infer_all``).
 
         Raises:
             ClientClosedError: ``abandoned`` completed first.
             EngineError: The first job's error (see ``infer``).
         """
-        tasks = [asyncio.create_task(self._infer(request)) for request in requests]
-        watcher = asyncio.ensure_future(abandoned) if abandoned is not None else None
-        pending = set(tasks)
-        try:
-            while pending:
-                waiting = pending | ({watcher} if watcher is not None else set())
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if watcher is not None and watcher in done:
-                    raise ClientClosedError("the client went away before the answer")
-                for task in done:
-                    pending.discard(task)
-                    error = task.exception()
-                    if error is not None:
-                        raise error
-            return [task.result() for task in tasks]
-        finally:
-            for task in pending:
-                task.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            await asyncio.gather(*pending, *([watcher] if watcher else []), return_exceptions=True)
+        return await infer_all(self._infer, requests, abandoned)
 
     def _decoded(
         self, job: Job, decode_future: asyncio.Future[tuple[torch.Tensor | EncodedJpeg, float]]

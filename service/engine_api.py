@@ -3,15 +3,26 @@ observer hooks metrics arrive through. ``service.engine`` re-exports all of them
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from model.interfaces import BatchStats, ImageResult, PoseOptions
+from model.interfaces import BatchStats, ImageResult, ModelDescription, PoseOptions
+from service.errors import ClientClosedError
 from service.validation import RequestLimits
 
-__all__ = ["EngineConfig", "EngineObserver", "NoopObserver", "PoseRequest", "PoseResponse"]
+__all__ = [
+    "EngineConfig",
+    "EngineHandle",
+    "EngineObserver",
+    "NoopObserver",
+    "PoseRequest",
+    "PoseResponse",
+    "infer_all",
+]
 
 
 @dataclass(frozen=True)
@@ -144,3 +155,71 @@ class NoopObserver:
 
     def on_batch(self, stats: BatchStats, images: int) -> None:
         """Ignore."""
+
+
+class EngineHandle(Protocol):
+    """What the transports call: ``service.engine.Engine`` in one process, or
+    ``service.engine_client.EngineClient`` in a front-end process talking to the engine process.
+    A transport cannot tell them apart."""
+
+    @property
+    def ready(self) -> bool:
+        """Serving: started, warmed up, not draining."""
+        ...
+
+    @property
+    def draining(self) -> bool:
+        """New requests are refused (stopping, or the engine is gone)."""
+        ...
+
+    def model_info(self) -> ModelDescription:
+        """The served model (``NotReadyError`` before it is known)."""
+        ...
+
+    async def infer(self, request: PoseRequest) -> PoseResponse:
+        """One image through the batcher (see ``Engine.infer`` for the errors)."""
+        ...
+
+    async def infer_many(
+        self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
+    ) -> list[PoseResponse]:
+        """Several images, all answers or the first error (see ``infer_all``)."""
+        ...
+
+
+async def infer_all(
+    infer: Callable[[PoseRequest], Awaitable[PoseResponse]],
+    requests: Sequence[PoseRequest],
+    abandoned: Awaitable[Any] | None = None,
+) -> list[PoseResponse]:
+    """Run ``infer`` on each request at once (they batch with everything else).
+
+    All the answers in order, or the first error: the first failure (a refusal, a deadline)
+    cancels the calls still pending, whose jobs are then dropped before the pipeline. So does
+    ``abandoned`` completing (e.g. the HTTP client disconnecting): ``ClientClosedError``.
+
+    Raises:
+        ClientClosedError: ``abandoned`` completed first.
+        EngineError: The first call's error.
+    """
+    tasks = [asyncio.ensure_future(infer(request)) for request in requests]
+    watcher = asyncio.ensure_future(abandoned) if abandoned is not None else None
+    pending = set(tasks)
+    try:
+        while pending:
+            waiting = pending | ({watcher} if watcher is not None else set())
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if watcher is not None and watcher in done:
+                raise ClientClosedError("the client went away before the answer")
+            for task in done:
+                pending.discard(task)
+                error = task.exception()
+                if error is not None:
+                    raise error
+        return [task.result() for task in tasks]
+    finally:
+        for task in pending:
+            task.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.gather(*pending, *([watcher] if watcher else []), return_exceptions=True)

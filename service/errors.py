@@ -144,3 +144,41 @@ class InferenceError(EngineError):
     """The batch holding this job failed; the pipeline's exception is the ``__cause__``."""
 
     code = "internal"
+
+
+# code -> the class that carries it, where one code has its own class (the rest are
+# ``InvalidRequestError``s). ``error_from_wire`` rebuilds an error sent between processes.
+_CLASS_OF_CODE: dict[str, type[EngineError]] = {
+    "queue_full": QueueFullError,
+    "unavailable": NotReadyError,
+    "shutting_down": EngineStoppedError,
+    "deadline_exceeded": DeadlineExceededError,
+    "client_closed": ClientClosedError,
+    "unauthenticated": UnauthenticatedError,
+    "internal": InferenceError,
+}
+
+
+def error_to_wire(exc: BaseException) -> tuple[str, str, float | None]:
+    """``(code, message, retry_after_s)`` of any exception; one that is not an ``EngineError`` is
+    an internal error (its type and text kept in the message, for the log)."""
+    if isinstance(exc, EngineError):
+        return exc.code, exc.message, exc.retry_after_s
+    return "internal", f"{type(exc).__name__}: {exc}", None
+
+
+def error_from_wire(code: str, message: str, retry_after_s: float | None) -> EngineError:
+    """The error ``error_to_wire`` described, as the class the transports map (same code,
+    message and retry hint)."""
+    cls = _CLASS_OF_CODE.get(code)
+    if cls is QueueFullError:
+        return QueueFullError(message, retry_after_s=retry_after_s or 1.0)
+    if cls is not None:
+        error = cls(message)
+    elif code in STATUS_OF_CODE:
+        error = InvalidRequestError(code, message)
+    else:
+        error = InferenceError(message)
+    if retry_after_s is not None:
+        error.retry_after_s = retry_after_s
+    return error

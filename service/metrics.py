@@ -20,10 +20,21 @@ in the queue (``pose_queue_wait_seconds``) is kept apart from time computing
 | pose_gpu_memory_{allocated,reserved,total}_bytes | gauge | device | CUDA memory (CUDA only) |
 
 plus the standard ``process_*``, ``python_gc_*`` and ``python_info`` collectors.
+
+With several processes (front ends and one engine process, ``service.processes``) every process
+writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
+mode; the parent sets it before starting them) and any front end's ``/metrics`` sums them: one
+exposition for the whole service, the engine's queue and batch metrics included. There,
+``pose_model_info`` is a gauge set by the engine process (the classic text format exposes an
+info metric as this very gauge), the GPU memory gauges are read after each batch instead of at
+scrape time, and the per-process ``process_*``/``python_*`` collectors are left out (each
+would describe only the process that happened to answer the scrape).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,6 +51,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from model.interfaces import BatchStats, ModelDescription
 
@@ -59,11 +71,24 @@ class Metrics:
     Args:
         registry: where to register; a fresh private registry when None.
         process_collectors: also register the process, platform and GC collectors.
+        multiprocess: one of the service's several processes: samples go to the files of
+            ``PROMETHEUS_MULTIPROC_DIR`` (set before prometheus_client was imported) and
+            ``render`` sums every process's.
+
+    Raises:
+        ValueError: ``multiprocess`` without ``PROMETHEUS_MULTIPROC_DIR``.
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, process_collectors: bool = True
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        process_collectors: bool = True,
+        multiprocess: bool = False,
     ) -> None:
+        self.multiprocess = multiprocess
+        if multiprocess and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            raise ValueError("multiprocess metrics need PROMETHEUS_MULTIPROC_DIR")
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self.requests = Counter(
@@ -100,7 +125,12 @@ class Metrics:
             buckets=_COMPUTE_BUCKETS_S,
             registry=reg,
         )
-        self.queue_depth = Gauge("pose_queue_depth", "Images waiting in the queue.", registry=reg)
+        self.queue_depth = Gauge(
+            "pose_queue_depth",
+            "Images waiting in the queue.",
+            registry=reg,
+            multiprocess_mode="livesum",  # set by the engine process only
+        )
         self.persons_per_image = Histogram(
             "pose_persons_per_image",
             "Persons returned per image.",
@@ -109,6 +139,28 @@ class Metrics:
         )
         self._model_info: Callable[[], ModelDescription] | None = None
         self._model_published = False
+        if multiprocess:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed)
+            self._model_gauge = Gauge(
+                "pose_model_info",
+                "The served pose model.",
+                list(_MODEL_LABELS),
+                registry=reg,
+                multiprocess_mode="livemax",
+            )
+            self._gpu_memory = {
+                name: Gauge(
+                    f"pose_gpu_memory_{name}_bytes",
+                    text,
+                    ["device"],
+                    registry=reg,
+                    multiprocess_mode="livemax",
+                )
+                for name, text in _GPU_MEMORY_HELP.items()
+            }
+            return
+        self._exposed = reg
         reg.register(_GpuMemoryCollector())
         if process_collectors:
             ProcessCollector(registry=reg)
@@ -116,32 +168,35 @@ class Metrics:
             GCCollector(registry=reg)
 
     def bind_engine(self, engine: Any) -> None:
-        """Read the queue depth and the served model from ``engine`` at scrape time."""
+        """Read the queue depth and the served model from ``engine`` at scrape time (in one
+        process; with several, the engine process publishes both itself)."""
+        if self.multiprocess:
+            return
         self.queue_depth.set_function(lambda: float(engine.queue_depth()))
         self._model_info = engine.model_info
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of everything registered."""
-        self._publish_model()
-        return generate_latest(self.registry)
+        """The Prometheus text exposition: of everything registered, or of every process."""
+        if not self.multiprocess and not self._model_published and self._model_info is not None:
+            with contextlib.suppress(Exception):  # not started yet: nothing to say
+                self.publish_model(self._model_info())
+        return generate_latest(self._exposed)
 
-    def _publish_model(self) -> None:
-        """``pose_model_info{...} 1`` once the engine has a model (an ``Info``, set once)."""
-        if self._model_published or self._model_info is None:
+    def publish_model(self, info: ModelDescription) -> None:
+        """``pose_model_info{...} 1`` (once)."""
+        if self._model_published:
             return
-        try:
-            info = self._model_info()
-        except Exception:  # not started yet: nothing to say
-            return
-        Info("pose_model", "The served pose model.", registry=self.registry).info(
-            {
-                "detector": info.detector or "",
-                "device": info.device,
-                "input_size": "x".join(str(v) for v in info.input_size),
-                "model": info.model,
-                "weights_sha256": info.weights_sha256 or "",
-            }
-        )
+        labels = {
+            "detector": info.detector or "",
+            "device": info.device,
+            "input_size": "x".join(str(v) for v in info.input_size),
+            "model": info.model,
+            "weights_sha256": info.weights_sha256 or "",
+        }
+        if self.multiprocess:
+            self._model_gauge.labels(**labels).set(1)
+        else:
+            Info("pose_model", "The served pose model.", registry=self.registry).info(labels)
         self._model_published = True
 
     # Transports.
@@ -170,6 +225,30 @@ class Metrics:
             self.inference.labels(stage="pose").observe(max(stats.pose_seconds, 0.0))
         for persons in stats.persons_per_image:
             self.persons_per_image.observe(persons)
+        if self.multiprocess and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for device, values in _gpu_memory().items():
+                for name, value in values.items():
+                    self._gpu_memory[name].labels(device=device).set(value)
+
+
+_MODEL_LABELS = ("detector", "device", "input_size", "model", "weights_sha256")
+_GPU_MEMORY_HELP = {
+    "allocated": "CUDA memory held by tensors.",
+    "reserved": "CUDA memory reserved by the caching allocator.",
+    "total": "CUDA memory of the device.",
+}
+
+
+def _gpu_memory() -> dict[str, dict[str, float]]:
+    """device -> {allocated, reserved, total} bytes, for every CUDA device."""
+    return {
+        f"cuda:{index}": {
+            "allocated": float(torch.cuda.memory_allocated(index)),
+            "reserved": float(torch.cuda.memory_reserved(index)),
+            "total": float(torch.cuda.get_device_properties(index).total_memory),
+        }
+        for index in range(torch.cuda.device_count())
+    }
 
 
 class _GpuMemoryCollector:
@@ -181,22 +260,11 @@ class _GpuMemoryCollector:
     def collect(self) -> Iterable[Metric]:
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             return
-        allocated = GaugeMetricFamily(
-            "pose_gpu_memory_allocated_bytes", "CUDA memory held by tensors.", labels=["device"]
-        )
-        reserved = GaugeMetricFamily(
-            "pose_gpu_memory_reserved_bytes",
-            "CUDA memory reserved by the caching allocator.",
-            labels=["device"],
-        )
-        total = GaugeMetricFamily(
-            "pose_gpu_memory_total_bytes", "CUDA memory of the device.", labels=["device"]
-        )
-        for index in range(torch.cuda.device_count()):
-            device = f"cuda:{index}"
-            allocated.add_metric([device], float(torch.cuda.memory_allocated(index)))
-            reserved.add_metric([device], float(torch.cuda.memory_reserved(index)))
-            total.add_metric([device], float(torch.cuda.get_device_properties(index).total_memory))
-        yield allocated
-        yield reserved
-        yield total
+        families = {
+            name: GaugeMetricFamily(f"pose_gpu_memory_{name}_bytes", text, labels=["device"])
+            for name, text in _GPU_MEMORY_HELP.items()
+        }
+        for device, values in _gpu_memory().items():
+            for name, value in values.items():
+                families[name].add_metric([device], value)
+        yield from families.values()

@@ -42,7 +42,8 @@ from starlette.requests import ClientDisconnect
 
 from model.interfaces import ImageResult
 from service import render
-from service.engine import Engine, PoseRequest, PoseResponse
+from service.engine import PoseRequest, PoseResponse
+from service.engine_api import EngineHandle
 from service.errors import ClientClosedError, EngineError, InferenceError, UnauthenticatedError
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
@@ -109,7 +110,13 @@ class BatchOut(BaseModel):
     results: list[PoseOut]
 
 
-def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    engine: EngineHandle,
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    served_by: str | None = None,
+) -> FastAPI:
     """Build the HTTP app over ``engine``.
 
     Args:
@@ -117,6 +124,8 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
         settings: limits, defaults and API keys.
         metrics: the process's metrics (the object the engine observes); a fresh private
             registry when None.
+        served_by: this front-end process's name, sent back as ``x-served-by`` (several front
+            ends).
 
     Returns:
         The FastAPI app; ``app.state.metrics`` holds its ``Metrics``.
@@ -144,7 +153,9 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
         body_timeout_s=settings.http_body_timeout_s,
         max_header_bytes=settings.http_max_header_bytes,
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, metric_paths=API_PATHS)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, metric_paths=API_PATHS, served_by=served_by
+    )
     auth = _auth_dependencies(settings.api_keys)
     errors: dict[int | str, dict[str, Any]] = {
         code: {"description": text} for code, text in _ERROR_DOCS.items()
@@ -245,7 +256,7 @@ def create_app(engine: Engine, settings: Settings, *, metrics: Metrics | None = 
 class _PoseApi:
     """What the routes share: running engine jobs and building the JSON answers."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: EngineHandle, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
         self._model_info: dict[str, Any] | None = None

@@ -84,12 +84,20 @@ class RequestContextMiddleware:
         app: the wrapped app.
         metrics: where request counts and durations go.
         metric_paths: paths counted as pose requests (health checks and scrapes are not).
+        served_by: the front-end process's name, sent as ``x-served-by`` (several front ends).
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, metric_paths: Collection[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        metric_paths: Collection[str],
+        served_by: str | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.metric_paths = frozenset(metric_paths)
+        self.served_by = served_by
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +113,10 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)["x-request-id"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                if self.served_by is not None:
+                    headers["x-served-by"] = self.served_by
             await send(message)
 
         try:
@@ -231,6 +242,8 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if record.processName not in ("MainProcess", None):
+            entry["process"] = record.processName  # with several processes, which one
         for key, value in record.__dict__.items():
             if key not in self._STANDARD and not key.startswith("_"):
                 entry[key] = value

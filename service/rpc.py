@@ -31,7 +31,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from model.interfaces import ImageResult, ModelDescription, PoseOptions
-from service.engine import Engine, PoseRequest, PoseResponse
+from service.engine import PoseRequest, PoseResponse
+from service.engine_api import EngineHandle
 from service.errors import (
     EngineError,
     EngineStoppedError,
@@ -170,7 +171,7 @@ def response_to_proto(
     )
 
 
-def tracker_of(request: Any, engine: Engine, settings: Settings) -> Tracker:
+def tracker_of(request: Any, engine: EngineHandle, settings: Settings) -> Tracker:
     """The tracker a stream's first request asks for (``track``, ``detect_every``, ``smoothing``).
 
     Raises:
@@ -214,7 +215,9 @@ def model_info_to_proto(info: ModelDescription, settings: Settings) -> Any:
 class PoseServicer(pose_pb2_grpc.PoseServiceServicer):  # type: ignore[misc]
     """``pose.v1.PoseService`` over one engine."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, engine: EngineHandle, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
         self._engine = engine
         self._settings = settings
         self._metrics = metrics
@@ -467,10 +470,18 @@ class GrpcServer:
         metrics: where to count calls and stream frames, if anywhere.
     """
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineHandle,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self._engine = engine
         self._settings = settings
         self._metrics = metrics
+        self._reuse_port = reuse_port
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
@@ -493,7 +504,9 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
-                ("grpc.so_reuseport", 0),
+                # Off unless several front-end processes share the port on purpose: two
+                # services must not share one by accident.
+                ("grpc.so_reuseport", int(self._reuse_port)),
                 # Connection bounds: streams per connection, idle and age limits, and keepalive
                 # enforcement (a client pinging more often is sent GOAWAY).
                 ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
@@ -553,7 +566,11 @@ def _ms(seconds: float) -> int:
 
 
 def create_grpc_server(
-    engine: Engine, settings: Settings, *, metrics: Metrics | None = None
+    engine: EngineHandle,
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    reuse_port: bool = False,
 ) -> GrpcServer:
     """Build (not start) the gRPC server over ``engine``; the composition root starts it.
 
@@ -561,5 +578,6 @@ def create_grpc_server(
         engine: the engine shared with the HTTP transport.
         settings: the service settings.
         metrics: where to count calls and stream frames (``transport="grpc"``), if anywhere.
+        reuse_port: bind with SO_REUSEPORT (front-end processes sharing the port).
     """
-    return GrpcServer(engine, settings, metrics)
+    return GrpcServer(engine, settings, metrics, reuse_port=reuse_port)

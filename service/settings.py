@@ -130,6 +130,16 @@ class Settings(BaseSettings):
         default=50051, ge=0, le=65535, description="gRPC port (0: any free port)"
     )
 
+    # Processes.
+    frontends: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="front-end processes serving HTTP and gRPC on the same ports (SO_REUSEPORT) in "
+        "front of one engine process; 1 runs everything in one process (default: 1 on the CPU, "
+        "min(4, cores / 4) with CUDA)",
+    )
+
     # The engine (Triton's three knobs and friends).
     max_batch_size: int = Field(default=16, ge=1, description="most images in one pipeline batch")
     max_delay_ms: float = Field(
@@ -332,6 +342,15 @@ class Settings(BaseSettings):
     def request_limits(self) -> RequestLimits:
         """What one request may ask for, as the engine checks it."""
         return RequestLimits(max_boxes=self.max_boxes, min_box_size_px=self.min_box_size_px)
+
+    def frontend_count(self) -> int:
+        """``frontends``, or its default for the device: 1 on the CPU (the model competes with
+        the front ends for the same few cores), min(4, cores / 4) with CUDA."""
+        if self.frontends is not None:
+            return self.frontends
+        if all(device == "cpu" for device in self.devices()):
+            return 1
+        return max(1, min(4, (os.cpu_count() or 1) // 4))
 
     def devices(self) -> list[str]:
         """The engine's devices, one worker each (``["cpu"]``, ``["cuda:0", "cuda:1"]``)."""

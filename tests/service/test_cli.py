@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import service.__main__ as cli
+from service import serving
 from service.settings import Settings, UnknownSettingError
 from tests.service.rest_support import SlowPipeline, png, wait_until
 
@@ -251,14 +252,14 @@ def test_detector_settings_reach_build_pipeline(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[dict[str, object]] = []
-    monkeypatch.setattr(cli, "build_pipeline", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(serving, "build_pipeline", lambda **kw: calls.append(kw))
     fake_reference(monkeypatch, tmp_path / "cache", available=True)
     base: dict[str, object] = {"cache_dir": str(tmp_path / "cache"), "model": "distilpose_s"}
     base["allow_random_weights"] = True
 
     def built(*argv: str, **settings: object) -> object:
         config = parse(*argv).model_copy(update={**base, **settings})
-        cli._build_pipeline(cli.choose_model(config), config, "cpu")
+        serving.pipeline_factory(cli.choose_model(config), config)("cpu")
         return calls[-1]["detector_settings"]
 
     tv = "fasterrcnn_mobilenet_v3_large_fpn"
@@ -330,7 +331,8 @@ def test_detector_settings_reach_a_torchvision_detector(tmp_path: Path) -> None:
     )
     choice = cli.choose_model(settings)
     assert "min_size=320" in choice.summary
-    det = cli._build_pipeline(choice, settings, "cpu").detector  # type: ignore[attr-defined]
+    pipeline = serving.pipeline_factory(choice, settings)("cpu")
+    det = pipeline.detector  # type: ignore[attr-defined]
     assert (det.score_threshold, det.nms_iou, det.max_persons) == (0.25, 0.4, 5)
     assert det.min_box_size == 2.5
     assert (det.net.roi_heads.score_thresh, det.net.roi_heads.nms_thresh) == (0.25, 0.4)

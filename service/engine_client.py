@@ -1,0 +1,388 @@
+"""A front-end process's engine: the engine's async interface over IPC to the engine process.
+
+``EngineClient`` is what the transports of a front end hold instead of an ``Engine``
+(``service.engine_api.EngineHandle``: ``ready``, ``draining``, ``model_info``, ``infer``,
+``infer_many``; ``start`` and ``stop`` for the composition root). Per request it does the work
+that scales with front ends: the cheap checks of the request (the engine's own functions, so
+that a bad request costs no decoding; the engine checks again and stays the one authority),
+decoding in its own thread pool, and writing the pixels to shared memory
+(``service.engine_wire``). The engine process then admits, batches and answers.
+
+Guarantees kept across the boundary:
+
+- exactly one answer per call: a RESULT or an ERROR resolves the call's future once; a caller
+  that goes away (its task cancelled) sends CANCEL, and the engine drops the job before compute;
+- deadlines: the engine enforces them; a timer here answers ``DeadlineExceededError`` one second
+  past the deadline even if the engine said nothing (it always does: this is a backstop);
+- the engine process gone (watched through a pidfd, not a timeout): every call in flight and
+  every new one is answered 503 (``NotReadyError``) at once;
+- bounded: at most ``max_queue_size`` calls of this front end in flight (decoding or at the
+  engine), beyond that ``QueueFullError`` at once; decoding is bounded by the pool's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from model.interfaces import ModelDescription
+from service.engine_api import EngineConfig, PoseRequest, PoseResponse, infer_all
+from service.engine_wire import (
+    CANCEL,
+    ERROR,
+    HELLO,
+    INFER,
+    INLINE_LIMIT_BYTES,
+    RESULT,
+    STATE,
+    EngineState,
+    ErrorMessage,
+    ImageFiles,
+    ImageRef,
+    InferMessage,
+    ResultMessage,
+    dumps,
+    loads,
+)
+from service.errors import (
+    DeadlineExceededError,
+    EngineStoppedError,
+    NotReadyError,
+    QueueFullError,
+    error_from_wire,
+)
+from service.gpu_decode import ImageHeader
+from service.validation import check_image, check_options, parse_boxes
+
+logger = logging.getLogger(__name__)
+
+# A call with a deadline is answered at most this long after it, whatever the engine does.
+_DEADLINE_BACKSTOP_S = 1.0
+_RETRY_AFTER_BUSY_S = 1.0
+
+
+class EngineGoneError(RuntimeError):
+    """The engine process exited (``start`` raises it; calls get ``NotReadyError``)."""
+
+
+class EngineClient:
+    """The engine process, as one front end sees it.
+
+    Args:
+        address: The engine's ``ipc://`` address.
+        config: The engine's knobs (the request limits and ``max_queue_size`` are used here).
+        decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in this front end's pool.
+        probe: Encoded bytes -> header, for JPEGs the engine decodes on its GPU.
+        images_dir: Shared-memory folder for decoded images (the run folder's).
+        engine_pid: The engine process, watched through a pidfd; None watches nothing.
+        index: This front end's index (0 .. frontends - 1).
+        frontends: How many front ends the service runs: this one turns ready once the engine
+            is and every front end has been listening (once; a restarted front end later does
+            not turn the others unready).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        config: EngineConfig,
+        *,
+        decoder: Callable[[bytes], torch.Tensor],
+        probe: Callable[[bytes], ImageHeader],
+        images_dir: Path,
+        engine_pid: int | None,
+        index: int,
+        frontends: int,
+    ) -> None:
+        self._address = address
+        self._config = config
+        self._decoder = decoder
+        self._probe = probe
+        self._files = ImageFiles(images_dir)
+        self._engine_pid = engine_pid
+        self._index = index
+        self._frontends = frontends
+        self._all_listening = False
+        self._context = zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.decode_workers, thread_name_prefix="pose-decode"
+        )
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[ResultMessage]] = {}
+        self._calls = 0  # calls in flight: decoding or at the engine
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._state: EngineState | None = None
+        self._state_changed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._pidfd: int | None = None
+        self._gone = False
+        self._stopping = False
+
+    @property
+    def ready(self) -> bool:
+        state = self._state
+        return (
+            state is not None
+            and state.ready
+            and self._all_listening
+            and not (self._stopping or self._gone)
+        )
+
+    @property
+    def draining(self) -> bool:
+        state = self._state
+        return self._stopping or self._gone or (state is not None and state.draining)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    def model_info(self) -> ModelDescription:
+        """The engine's model.
+
+        Raises:
+            NotReadyError: The engine has not built it yet (or is gone).
+        """
+        if self._state is None or self._state.model is None or self._gone:
+            raise NotReadyError("the engine is not ready")
+        return self._state.model
+
+    async def start(self) -> None:
+        """Connect and wait until the engine is ready.
+
+        Raises:
+            EngineGoneError: The engine process exited first (e.g. its model failed to load).
+        """
+        socket = self._context.socket(zmq.DEALER)
+        # Unique per process: a restarted front end is a new peer.
+        socket.setsockopt(zmq.IDENTITY, f"frontend-{self._index}-{os.getpid()}".encode())
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self._address)
+        self._socket = socket
+        self._watch_engine()
+        self._reader = asyncio.create_task(self._read())
+        await socket.send_multipart([HELLO, dumps(self._index)])
+        while not self.ready:
+            if self._gone:
+                raise EngineGoneError("the engine process exited before it was ready")
+            self._state_changed.clear()
+            await self._state_changed.wait()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new calls, let those in flight finish within ``grace_s``, fail the rest with
+        ``EngineStoppedError``, then close. Idempotent."""
+        self._stopping = True
+        grace = self._config.drain_grace_s if grace_s is None else grace_s
+        if self._calls:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        self._fail_pending(EngineStoppedError("the server is shutting down"))
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        self._unwatch_engine()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def infer_many(
+        self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
+    ) -> list[PoseResponse]:
+        """Several images at once (``service.engine_api.infer_all``)."""
+        return await infer_all(self.infer, requests, abandoned)
+
+    async def infer(self, request: PoseRequest) -> PoseResponse:
+        """One image through the engine process (the errors of ``Engine.infer``)."""
+        if not self.ready:
+            raise NotReadyError("draining" if self.draining else "the engine is not ready")
+        t_submit = time.monotonic()
+        if request.deadline is not None and request.deadline <= t_submit:
+            raise DeadlineExceededError("the deadline passed before the request was queued")
+        if self._calls >= self._config.max_queue_size:
+            raise QueueFullError(
+                f"overloaded: {self._calls} requests of this front end in flight",
+                retry_after_s=_RETRY_AFTER_BUSY_S,
+            )
+        # The engine's own checks, before any decoding is spent (it checks again).
+        if request.boxes is not None:
+            parse_boxes(request.boxes, self._config.limits)
+        check_options(request.options)
+        self._calls += 1
+        self._idle.clear()
+        path = ""
+        try:
+            ref, payload, image, decode_s = await self._prepare(request)
+            path = ref.path
+            return await self._call(request, ref, payload, image, decode_s, t_submit)
+        finally:
+            if path:
+                self._files.remove(path)
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
+
+    async def _prepare(
+        self, request: PoseRequest
+    ) -> tuple[ImageRef, bytes | None, torch.Tensor | None, float]:
+        """Decode (in the pool) and place the image: in the message, in shared memory, or
+        encoded for the engine's GPU decoder."""
+        image = request.image
+        loop = asyncio.get_running_loop()
+        on_device = (
+            self._state is not None
+            and self._state.decodes_on_device
+            and not request.return_image
+            and not isinstance(image, torch.Tensor)
+        )
+        t0 = time.monotonic()
+        if isinstance(image, bytes | bytearray | memoryview):
+            data = bytes(image)
+            if (
+                on_device
+                and (await loop.run_in_executor(self._pool, self._probe, data)).device_decodable
+            ):
+                return ImageRef("encoded"), data, None, time.monotonic() - t0
+            image = await loop.run_in_executor(self._pool, self._decoder, data)
+        elif not isinstance(image, torch.Tensor):
+            raise TypeError(f"image must be bytes or a tensor, got {type(image).__name__}")
+        check_image(image)
+        image = image.cpu()
+        shape = tuple(int(v) for v in image.shape)
+        if image.nbytes <= INLINE_LIMIT_BYTES:
+            payload = image.contiguous().numpy().tobytes()
+            return ImageRef("inline", shape), payload, image, time.monotonic() - t0
+        path = await loop.run_in_executor(self._pool, self._files.write, image)
+        return ImageRef("file", shape, path), None, image, time.monotonic() - t0
+
+    async def _call(
+        self,
+        request: PoseRequest,
+        ref: ImageRef,
+        payload: bytes | None,
+        image: torch.Tensor | None,
+        decode_s: float,
+        t_submit: float,
+    ) -> PoseResponse:
+        """Send one INFER and wait for its one answer."""
+        if self._gone or self._socket is None:
+            raise NotReadyError("the engine process stopped")
+        boxes = request.boxes.tolist() if isinstance(request.boxes, torch.Tensor) else request.boxes
+        rid = next(self._ids)
+        message = InferMessage(
+            rid, ref, boxes, request.options, request.deadline, request.source, request.eager
+        )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[ResultMessage] = loop.create_future()
+        self._pending[rid] = answer
+        backstop = None
+        if request.deadline is not None:
+            backstop = loop.call_at(
+                loop.time() + request.deadline - time.monotonic() + _DEADLINE_BACKSTOP_S,
+                self._settle_error,
+                rid,
+                DeadlineExceededError("the deadline passed before the answer"),
+            )
+        frames = [INFER, dumps(message)] + ([payload] if payload is not None else [])
+        try:
+            await self._socket.send_multipart(frames, copy=False)
+            result = await answer
+        except asyncio.CancelledError:
+            # (Cancelling this task cancelled ``answer`` too: "done" means answered only when
+            # not cancelled.)
+            answered = answer.done() and not answer.cancelled()
+            if not answered and self._socket is not None and not self._gone:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._socket.send_multipart([CANCEL, dumps(rid)])
+            raise
+        finally:
+            self._pending.pop(rid, None)
+            if backstop is not None:
+                backstop.cancel()
+        timing = dict(result.timing_ms)
+        timing["decode"] = timing.get("decode", 0.0) + decode_s * 1000.0
+        timing["total"] = (time.monotonic() - t_submit) * 1000.0
+        return PoseResponse(
+            result=result.result,
+            timing_ms=timing,
+            image=image if request.return_image else None,
+        )
+
+    async def _read(self) -> None:
+        """Answers and state from the engine, until stopped."""
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            kind, body = frames[0], frames[1]
+            if kind == RESULT:
+                result: ResultMessage = loads(body)
+                future = self._pending.get(result.request_id)
+                if future is not None and not future.done():
+                    future.set_result(result)
+            elif kind == ERROR:
+                error: ErrorMessage = loads(body)
+                self._settle_error(
+                    error.request_id,
+                    error_from_wire(error.code, error.message, error.retry_after_s),
+                )
+            elif kind == STATE:
+                state: EngineState = loads(body)
+                self._state = state
+                self._all_listening = self._all_listening or state.frontends >= self._frontends
+                self._state_changed.set()
+
+    def _settle_error(self, rid: int, error: BaseException) -> None:
+        future = self._pending.get(rid)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _fail_pending(self, error_of: BaseException) -> None:
+        for rid in list(self._pending):
+            self._settle_error(rid, type(error_of)(str(error_of)))
+
+    def _watch_engine(self) -> None:
+        """Learn of the engine process's exit at once (a pidfd turns readable)."""
+        if self._engine_pid is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            self._pidfd = os.pidfd_open(self._engine_pid)
+        except ProcessLookupError:
+            self._engine_gone()
+            return
+        loop.add_reader(self._pidfd, self._engine_gone)
+
+    def _unwatch_engine(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _engine_gone(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        if not self._stopping:
+            logger.error("the engine process exited: answering 503 to everything")
+        self._fail_pending(NotReadyError("the engine process stopped"))
+        self._state_changed.set()
+        with contextlib.suppress(Exception):
+            if self._pidfd is not None:
+                asyncio.get_running_loop().remove_reader(self._pidfd)

@@ -1,0 +1,185 @@
+"""What crosses between a front-end process and the engine process (``service.engine_client``
+and ``service.engine_server``): the messages, and decoded images through shared memory.
+
+Transport: one ZeroMQ ROUTER socket in the engine process, one DEALER per front end, over an
+``ipc://`` path in the service's private run folder (mode 0700). Every message is a list of
+frames: the kind (``INFER``, ``CANCEL``, ``HELLO`` from a front end; ``RESULT``, ``ERROR``,
+``STATE`` from the engine), a pickled body, and for ``INFER`` optionally the image's bytes.
+Pickle is safe here: both ends are this service's own processes, started by one parent, on a
+socket only its user can open; nothing from a client is ever unpickled (the body holds parsed
+fields, never a client's bytes).
+
+Images: a decoded (3, H, W) uint8 image over ``INLINE_LIMIT_BYTES`` is written once to a file in
+the run folder's shared-memory directory (tmpfs, ``/dev/shm``) and mapped by the engine with
+``torch.from_file`` (no copy, no pickle); a small one rides in the message (a copy is cheaper
+than a file). The front end that wrote a file unlinks it once the answer is in (the engine's
+mapping outlives the unlink); the parent removes the folder at exit, so a front end that dies
+leaks nothing past the service. Encoded JPEGs bound for the engine's GPU decoder travel as the
+upload's bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.interfaces import ImageResult, ModelDescription, PoseOptions
+
+# Message kinds (frame 0).
+HELLO = b"hello"  # front end -> engine: front end N is listening (the engine answers STATE)
+INFER = b"infer"  # front end -> engine: InferMessage [+ image bytes]
+CANCEL = b"cancel"  # front end -> engine: request id; the caller went away
+RESULT = b"result"  # engine -> front end: ResultMessage
+ERROR = b"error"  # engine -> front end: ErrorMessage
+STATE = b"state"  # engine -> front end: EngineState, on change and as a heartbeat
+
+# A decoded image up to this size is sent in the message; a larger one through shared memory.
+INLINE_LIMIT_BYTES = 256 * 1024
+# How often the engine repeats its state to every front end (a heartbeat).
+STATE_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an INFER's image is.
+
+    Attributes:
+        kind: ``"inline"`` (decoded pixels in the message's third frame), ``"file"`` (decoded
+            pixels in ``path``) or ``"encoded"`` (the upload's bytes in the third frame, for the
+            engine's device decoder).
+        shape: (3, H, W) of decoded pixels; () for encoded bytes.
+        path: the shared-memory file of ``"file"``.
+    """
+
+    kind: str
+    shape: tuple[int, ...] = ()
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class InferMessage:
+    """One job, as ``service.engine_api.PoseRequest`` less the image's pixels."""
+
+    request_id: int
+    image: ImageRef
+    boxes: Any
+    options: PoseOptions
+    deadline: float | None  # time.monotonic(): one clock for every process of the machine
+    source: str
+    eager: bool
+
+
+@dataclass(frozen=True)
+class ResultMessage:
+    request_id: int
+    result: ImageResult
+    timing_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """An ``EngineError`` as ``service.errors.error_to_wire`` describes it."""
+
+    request_id: int
+    code: str
+    message: str
+    retry_after_s: float | None
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What a front end needs to know of the engine between requests.
+
+    Attributes:
+        ready: Started, warmed up, not draining.
+        draining: Stopping: new work is refused.
+        model: The served model, once the pipelines are built.
+        decodes_on_device: The engine decodes qualifying JPEGs on its GPU (send them encoded).
+        frontends: How many front ends (distinct indices) have said HELLO, i.e. are listening:
+            a front end turns ready only once every one has, so that the service is ready
+            only when all of it is.
+    """
+
+    ready: bool
+    draining: bool
+    model: ModelDescription | None
+    decodes_on_device: bool
+    frontends: int = 0
+
+
+def dumps(body: object) -> bytes:
+    return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(frame: bytes | memoryview) -> Any:
+    return pickle.loads(frame)
+
+
+class ImageFiles:
+    """Decoded images written to shared memory by one front-end process.
+
+    Args:
+        folder: The run folder's shared-memory directory (created by the parent).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._prefix = f"img-{os.getpid()}-"
+        self._counter = itertools.count()
+
+    def write(self, image: torch.Tensor) -> str:
+        """Write a (3, H, W) uint8 CPU image; returns its path (unlink it with ``remove``).
+
+        Raises:
+            OSError: The shared-memory folder is full or gone.
+        """
+        path = self._folder / f"{self._prefix}{next(self._counter)}"
+        data = image.contiguous().numpy().data.cast("B")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return str(path)
+
+    @staticmethod
+    def remove(path: str) -> None:
+        """Unlink a written image (an engine still mapping it keeps its pages until done)."""
+        Path(path).unlink(missing_ok=True)
+
+
+def read_image(ref: ImageRef, payload: bytes | None) -> torch.Tensor | bytes:
+    """The engine's side: the (3, H, W) uint8 image of an INFER (mapped from shared memory, not
+    copied), or the encoded bytes for its device decoder.
+
+    Raises:
+        ValueError: A malformed reference (a bug in the front end, not a client's error).
+        OSError: The shared-memory file is gone.
+    """
+    if ref.kind == "encoded":
+        if payload is None:
+            raise ValueError("an encoded image without its bytes")
+        return payload
+    if len(ref.shape) != 3 or ref.shape[0] != 3:
+        raise ValueError(f"a decoded image must be (3, H, W), got {ref.shape}")
+    size = ref.shape[0] * ref.shape[1] * ref.shape[2]
+    if ref.kind == "inline":
+        if payload is None or len(payload) != size:
+            raise ValueError("an inline image's bytes do not match its shape")
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(ref.shape)
+    if ref.kind == "file":
+        # MAP_PRIVATE: the pages are the front end's, read in place.
+        flat = torch.from_file(ref.path, shared=False, size=size, dtype=torch.uint8)
+        return flat.view(ref.shape)
+    raise ValueError(f"unknown image kind {ref.kind!r}")

@@ -1,0 +1,276 @@
+"""Running the servers of one process: the pieces the composition roots share.
+
+``pose-service serve`` runs either everything in one process (``service.__main__.serve``) or
+a parent, one engine process and several front-end processes (``service.processes``). Both
+build the engine the same way (``build_engine``) and run HTTP and gRPC over an engine handle
+the same way (``run_servers``: start, ready after warm-up, drain on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import uvicorn
+
+from model.interfaces import ModelDescription
+from model.pipeline import build_pipeline
+from service.engine import Engine, EngineObserver, Pipeline
+from service.engine_api import EngineHandle
+from service.gpu_decode import probe_image
+from service.metrics import Metrics
+from service.model_choice import ModelChoice
+from service.rest import create_app
+from service.settings import Settings
+from service.uploads import decode_image
+
+logger = logging.getLogger("service")
+
+
+class ServedEngine(EngineHandle, Protocol):
+    """An engine handle the composition root also starts and stops."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float | None = None) -> None: ...
+
+    def model_info(self) -> ModelDescription: ...
+
+
+def pipeline_factory(choice: ModelChoice, settings: Settings) -> Callable[[str], Pipeline]:
+    """device -> the chosen model's pipeline (called in the engine's worker thread)."""
+    return partial(_build_pipeline, choice, settings)
+
+
+def _build_pipeline(choice: ModelChoice, settings: Settings, device: str) -> Pipeline:
+    return build_pipeline(
+        model=choice.model,
+        weights=choice.weights,
+        detector=choice.detector,
+        detector_weights=choice.detector_weights,
+        device=device,
+        max_crops_per_batch=settings.max_crops_per_batch,
+        detector_settings=choice.detector_settings,
+        backend=settings.backend,
+        cache_dir=settings.cache_path(),
+    )
+
+
+def build_engine(
+    settings: Settings, factory: Callable[[str], Pipeline], observer: EngineObserver
+) -> Engine:
+    """The engine of these settings (not started)."""
+    return Engine(
+        factory,
+        settings.devices(),
+        settings.engine_config(),
+        decoder=partial(decode_image, max_pixels=settings.max_image_pixels),
+        probe=partial(probe_image, max_pixels=settings.max_image_pixels),
+        observer=observer,
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ``run_servers`` drains first, then stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn logs a failure to bind, then raises SystemExit out of this task, which would end
+        # the event loop with the gRPC server still up; ``run_servers`` stops both instead.
+        with contextlib.suppress(SystemExit):
+            await super().serve(sockets)
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with SO_REUSEPORT (not listening): front-end
+    processes each bind one to the same port and the kernel spreads connections over them.
+
+    Raises:
+        OSError: The port is taken by a socket without SO_REUSEPORT, or by another user.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def run_servers(
+    settings: Settings,
+    engine: ServedEngine,
+    metrics: Metrics,
+    *,
+    stop: asyncio.Event | None = None,
+    http_socket: socket.socket | None = None,
+    served_by: str | None = None,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> int:
+    """Serve HTTP and gRPC over ``engine`` until a signal (or ``stop``); returns the exit code.
+
+    Readiness (``/readyz``, gRPC health) turns green once ``engine.start()`` returns. The first
+    signal drains: readiness 503 and NOT_SERVING at once, admitted work finishes within
+    ``drain_grace_s``, then both servers stop; a second one skips the wait.
+
+    Args:
+        settings: everything.
+        engine: the engine (in-process) or an engine client (a front end).
+        metrics: this process's metrics.
+        stop: set it to drain and stop, as a signal does.
+        http_socket: a bound SO_REUSEPORT socket for HTTP (front ends); else uvicorn binds
+            ``host:http_port`` itself. gRPC then binds with SO_REUSEPORT too.
+        served_by: this front end's name (the ``x-served-by`` header), if several.
+        signals: the signals that drain.
+    """
+    app = create_app(engine, settings, metrics=metrics, served_by=served_by)
+    http = _Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            # Connection bounds: beyond http_max_connections uvicorn answers 503 at once; an
+            # idle keep-alive connection is closed; a request head over the limit is refused.
+            limit_concurrency=settings.http_max_connections,
+            timeout_keep_alive=settings.http_keepalive_timeout_s,
+            h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        )
+    )
+    # Imported here, not at the top: grpc's C core reads GRPC_VERBOSITY when grpc is first
+    # imported, and ``service.__main__.main`` sets it first.
+    from service.rpc import create_grpc_server
+
+    grpc_server = create_grpc_server(
+        engine, settings, metrics=metrics, reuse_port=http_socket is not None
+    )
+    if stop is None:
+        stop = asyncio.Event()
+    force = _install_signal_handlers(stop, signals)
+
+    try:
+        await grpc_server.start()
+    except Exception:
+        # grpc says only "Failed to bind"; the reason (its C core's log) is silenced.
+        reason = _bind_problem(settings.host, settings.grpc_port)
+        logger.exception(
+            "the gRPC server failed to start on %s:%s: %s",
+            settings.host,
+            settings.grpc_port,
+            reason or "see the exception (GRPC_VERBOSITY=debug shows gRPC's own log)",
+        )
+        return 1
+    http_task = asyncio.create_task(http.serve([http_socket] if http_socket else None))
+    while not http.started:
+        if http_task.done():
+            await grpc_server.stop(0)
+            logger.error(
+                "the HTTP server failed to start on %s:%s: %s",
+                settings.host,
+                settings.http_port,
+                _bind_problem(settings.host, settings.http_port) or "see uvicorn's error above",
+            )
+            return 1
+        await asyncio.sleep(0.01)
+    http_port = http.servers[0].sockets[0].getsockname()[1]
+    logger.info("listening", extra={"http_port": http_port, "grpc_port": grpc_server.port})
+
+    code = 0
+    start_task = asyncio.create_task(engine.start())
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({start_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    if start_task.done() and start_task.exception() is None:
+        await grpc_server.set_serving(True)
+        logger.info("ready", extra={"model": engine.model_info().to_dict()})
+        await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    elif start_task.done():
+        logger.error("the model failed to load", exc_info=start_task.exception())
+        code = 1
+    else:
+        start_task.cancel()
+        await asyncio.gather(start_task, return_exceptions=True)
+
+    logger.info("draining", extra={"grace_s": 0.0 if force.is_set() else settings.drain_grace_s})
+    await grpc_server.set_serving(False)
+    drain = asyncio.create_task(engine.stop(settings.drain_grace_s))
+    forced = asyncio.create_task(force.wait())
+    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not drain.done():
+        await engine.stop(0)  # a second signal: fail what is left at once
+        await asyncio.gather(drain, return_exceptions=True)
+    http.should_exit = True
+    http.force_exit = force.is_set()
+    await asyncio.gather(http_task, return_exceptions=True)
+    await grpc_server.stop(0 if force.is_set() else 5.0)
+    stop_task.cancel()
+    logger.info("stopped")
+    return code
+
+
+def _install_signal_handlers(
+    stop: asyncio.Event, signals: Sequence[signal.Signals]
+) -> asyncio.Event:
+    """``signals`` set ``stop``; a second one sets the returned "force" event."""
+    force = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            force.set()
+        logger.info("signal %s received", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, on_signal, signum)
+    return force
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound now ("Address already in use", ...), or None."""
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        return str(exc)
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As grpc binds: a port in TIME_WAIT is free, one that something listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (cheaper per request), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(main: Any) -> Any:
+    """``asyncio.run(main)`` on ``new_event_loop()``."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
