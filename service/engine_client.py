@@ -52,13 +52,14 @@ from service.engine_wire import (
     ImageFiles,
     ImageRef,
     InferMessage,
+    Outbox,
     ResultMessage,
-    dumps,
     loads,
 )
 from service.errors import (
     DeadlineExceededError,
     EngineStoppedError,
+    InvalidRequestError,
     NotReadyError,
     QueueFullError,
     error_from_wire,
@@ -71,6 +72,10 @@ logger = logging.getLogger(__name__)
 # A call with a deadline is answered at most this long after it, whatever the engine does.
 _DEADLINE_BACKSTOP_S = 1.0
 _RETRY_AFTER_BUSY_S = 1.0
+# Decoded on the event loop, not in the pool, when the file and its pixels are at most this
+# (about a millisecond of decoding on a server core).
+SMALL_IMAGE_BYTES = 64 * 1024
+SMALL_IMAGE_PIXELS = 100_000
 
 
 class EngineGoneError(RuntimeError):
@@ -84,6 +89,9 @@ class EngineClient:
         address: The engine's ``ipc://`` address.
         config: The engine's knobs (the request limits and ``max_queue_size`` are used here).
         decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in this front end's pool.
+        small_decoder: The same with a small pixel limit (``SMALL_IMAGE_PIXELS``), run on the
+            event loop: handing a thumbnail to a pool thread costs more than decoding it (a
+            larger image is refused by its header, cheaply, and goes to the pool).
         probe: Encoded bytes -> header, for JPEGs the engine decodes on its GPU.
         images_dir: Shared-memory folder for decoded images (the run folder's).
         engine_pid: The engine process, watched through a pidfd; None watches nothing.
@@ -99,6 +107,7 @@ class EngineClient:
         config: EngineConfig,
         *,
         decoder: Callable[[bytes], torch.Tensor],
+        small_decoder: Callable[[bytes], torch.Tensor] | None = None,
         probe: Callable[[bytes], ImageHeader],
         images_dir: Path,
         engine_pid: int | None,
@@ -108,6 +117,7 @@ class EngineClient:
         self._address = address
         self._config = config
         self._decoder = decoder
+        self._small_decoder = small_decoder
         self._probe = probe
         self._files = ImageFiles(images_dir)
         self._engine_pid = engine_pid
@@ -116,6 +126,7 @@ class EngineClient:
         self._all_listening = False
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
+        self._outbox: Outbox | None = None
         self._pool = ThreadPoolExecutor(
             max_workers=config.decode_workers, thread_name_prefix="pose-decode"
         )
@@ -174,9 +185,10 @@ class EngineClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self._address)
         self._socket = socket
+        self._outbox = Outbox(socket, routed=False)
         self._watch_engine()
         self._reader = asyncio.create_task(self._read())
-        await socket.send_multipart([HELLO, dumps(self._index)])
+        self._outbox.put(None, HELLO, self._index)
         while not self.ready:
             if self._gone:
                 raise EngineGoneError("the engine process exited before it was ready")
@@ -198,6 +210,8 @@ class EngineClient:
             self._reader = None
         self._unwatch_engine()
         if self._socket is not None:
+            if self._outbox is not None:
+                self._outbox.flush()
             self._socket.close(linger=0)
             self._socket = None
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -259,9 +273,13 @@ class EngineClient:
                 and (await loop.run_in_executor(self._pool, self._probe, data)).device_decodable
             ):
                 return ImageRef("encoded"), data, None, time.monotonic() - t0
-            image = await loop.run_in_executor(self._pool, self._decoder, data)
+            small = self._decode_small(data)
+            if small is None:
+                small = await loop.run_in_executor(self._pool, self._decoder, data)
+            image = small
         elif not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be bytes or a tensor, got {type(image).__name__}")
+        assert isinstance(image, torch.Tensor)
         check_image(image)
         image = image.cpu()
         shape = tuple(int(v) for v in image.shape)
@@ -270,6 +288,17 @@ class EngineClient:
             return ImageRef("inline", shape), payload, image, time.monotonic() - t0
         path = await loop.run_in_executor(self._pool, self._files.write, image)
         return ImageRef("file", shape, path), None, image, time.monotonic() - t0
+
+    def _decode_small(self, data: bytes) -> torch.Tensor | None:
+        """The image decoded here and now if it is small (its header says so), else None."""
+        if self._small_decoder is None or len(data) > SMALL_IMAGE_BYTES:
+            return None
+        try:
+            return self._small_decoder(data)
+        except InvalidRequestError as exc:
+            if exc.code == "too_many_pixels":
+                return None  # not small: the pool decodes it, under the real limit
+            raise
 
     async def _call(
         self,
@@ -299,17 +328,16 @@ class EngineClient:
                 rid,
                 DeadlineExceededError("the deadline passed before the answer"),
             )
-        frames = [INFER, dumps(message)] + ([payload] if payload is not None else [])
+        assert self._outbox is not None
+        self._outbox.put(None, INFER, message, payload)
         try:
-            await self._socket.send_multipart(frames, copy=False)
             result = await answer
         except asyncio.CancelledError:
             # (Cancelling this task cancelled ``answer`` too: "done" means answered only when
             # not cancelled.)
             answered = answer.done() and not answer.cancelled()
-            if not answered and self._socket is not None and not self._gone:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._socket.send_multipart([CANCEL, dumps(rid)])
+            if not answered and self._outbox is not None and not self._gone:
+                self._outbox.put(None, CANCEL, rid)
             raise
         finally:
             self._pending.pop(rid, None)
@@ -328,24 +356,23 @@ class EngineClient:
         """Answers and state from the engine, until stopped."""
         assert self._socket is not None
         while True:
-            frames = await self._socket.recv_multipart()
-            kind, body = frames[0], frames[1]
-            if kind == RESULT:
-                result: ResultMessage = loads(body)
-                future = self._pending.get(result.request_id)
-                if future is not None and not future.done():
-                    future.set_result(result)
-            elif kind == ERROR:
-                error: ErrorMessage = loads(body)
-                self._settle_error(
-                    error.request_id,
-                    error_from_wire(error.code, error.message, error.retry_after_s),
-                )
-            elif kind == STATE:
-                state: EngineState = loads(body)
-                self._state = state
-                self._all_listening = self._all_listening or state.frontends >= self._frontends
-                self._state_changed.set()
+            (body,) = await self._socket.recv_multipart()
+            for kind, message, _ in loads(body):
+                if kind == RESULT:
+                    future = self._pending.get(message.request_id)
+                    if future is not None and not future.done():
+                        future.set_result(message)
+                elif kind == ERROR:
+                    error: ErrorMessage = message
+                    self._settle_error(
+                        error.request_id,
+                        error_from_wire(error.code, error.message, error.retry_after_s),
+                    )
+                elif kind == STATE:
+                    state: EngineState = message
+                    self._state = state
+                    self._all_listening = self._all_listening or state.frontends >= self._frontends
+                    self._state_changed.set()
 
     def _settle_error(self, rid: int, error: BaseException) -> None:
         future = self._pending.get(rid)

@@ -31,8 +31,8 @@ from service.engine_wire import (
     EngineState,
     ErrorMessage,
     InferMessage,
+    Outbox,
     ResultMessage,
-    dumps,
     loads,
     read_image,
 )
@@ -59,6 +59,7 @@ class EngineServer:
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._outbox = Outbox(self._socket, routed=True)
         self._peers: set[bytes] = set()
         self._frontends: set[int] = set()  # indices of the front ends that said HELLO
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
@@ -73,9 +74,10 @@ class EngineServer:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while True:
-                frames = await self._socket.recv_multipart(copy=True)
+                peer, body = await self._socket.recv_multipart(copy=True)
                 try:
-                    self._dispatch(frames)
+                    for kind, message, payload in loads(body):
+                        self._dispatch(peer, kind, message, payload)
                 except Exception:
                     logger.exception("a malformed message from a front end was dropped")
         finally:
@@ -87,6 +89,7 @@ class EngineServer:
         if self._tasks:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self.publish_state()
+        self._outbox.flush()
         self._socket.close(linger=0)
         self._context.term()
 
@@ -111,25 +114,20 @@ class EngineServer:
         if not force and state == self._last_state:
             return
         self._last_state = state
-        body = dumps(state)
         for peer in self._peers:
-            self._send([peer, STATE, body])
+            self._outbox.put(peer, STATE, state)
 
-    def _dispatch(self, frames: list[bytes]) -> None:
-        peer, kind = frames[0], frames[1]
+    def _dispatch(self, peer: bytes, kind: bytes, message: Any, payload: bytes | None) -> None:
         if kind == INFER:
-            message: InferMessage = loads(frames[2])
-            payload = frames[3] if len(frames) > 3 else None
             key = (peer, message.request_id)
             self._tasks[key] = asyncio.create_task(self._infer(peer, message, payload))
         elif kind == CANCEL:
-            rid = loads(frames[2])
-            task = self._tasks.get((peer, rid))
+            task = self._tasks.get((peer, message))
             if task is not None:
                 task.cancel()
         elif kind == HELLO:
             self._peers.add(peer)
-            self._frontends.add(loads(frames[2]))
+            self._frontends.add(message)
             self.publish_state(force=True)
         else:
             logger.warning("unknown message kind %r from a front end", kind)
@@ -153,24 +151,13 @@ class EngineServer:
             code, text, retry = error_to_wire(exc)
             if code == "internal":
                 logger.error("a job failed: %s", text, exc_info=exc)
-            self._send([peer, ERROR, dumps(ErrorMessage(rid, code, text, retry))])
+            self._outbox.put(peer, ERROR, ErrorMessage(rid, code, text, retry))
         else:
-            result = ResultMessage(rid, response.result, response.timing_ms)
-            self._send([peer, RESULT, dumps(result)])
+            self._outbox.put(peer, RESULT, ResultMessage(rid, response.result, response.timing_ms))
         finally:
             self._tasks.pop((peer, rid), None)
-
-    def _send(self, frames: list[Any]) -> None:
-        # Never waits: no high-water mark, and ROUTER drops a message to a peer that is gone.
-        sent = asyncio.ensure_future(self._socket.send_multipart(frames, copy=False))
-        sent.add_done_callback(_log_send_error)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(STATE_INTERVAL_S)
             self.publish_state(force=True)
-
-
-def _log_send_error(sent: asyncio.Future[Any]) -> None:
-    if not sent.cancelled() and sent.exception() is not None:
-        logger.warning("an answer to a front end was not sent: %s", sent.exception())

@@ -2,12 +2,14 @@
 and ``service.engine_server``): the messages, and decoded images through shared memory.
 
 Transport: one ZeroMQ ROUTER socket in the engine process, one DEALER per front end, over an
-``ipc://`` path in the service's private run folder (mode 0700). Every message is a list of
-frames: the kind (``INFER``, ``CANCEL``, ``HELLO`` from a front end; ``RESULT``, ``ERROR``,
-``STATE`` from the engine), a pickled body, and for ``INFER`` optionally the image's bytes.
-Pickle is safe here: both ends are this service's own processes, started by one parent, on a
-socket only its user can open; nothing from a client is ever unpickled (the body holds parsed
-fields, never a client's bytes).
+``ipc://`` path in the service's private run folder (mode 0700). A message is a
+``(kind, body, payload)`` triple: the kind (``INFER``, ``CANCEL``, ``HELLO`` from a front end;
+``RESULT``, ``ERROR``, ``STATE`` from the engine), its body, and for ``INFER`` optionally the
+image's bytes. ``Outbox`` coalesces: every message for one peer queued during one event-loop
+iteration goes as ONE ZeroMQ message (a pickled list), so that under load a send syscall and a
+wake-up of the other side are paid per burst, not per request. Pickle is safe here: both ends
+are this service's own processes, started by one parent, on a socket only its user can open;
+nothing a client sent is ever unpickled (bodies hold parsed fields; image bytes are bytes).
 
 Images: a decoded (3, H, W) uint8 image over ``INLINE_LIMIT_BYTES`` is written once to a file in
 the run folder's shared-memory directory (tmpfs, ``/dev/shm``) and mapped by the engine with
@@ -20,7 +22,9 @@ upload's bytes.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -31,7 +35,9 @@ import torch
 
 from model.interfaces import ImageResult, ModelDescription, PoseOptions
 
-# Message kinds (frame 0).
+logger = logging.getLogger(__name__)
+
+# Message kinds.
 HELLO = b"hello"  # front end -> engine: front end N is listening (the engine answers STATE)
 INFER = b"infer"  # front end -> engine: InferMessage [+ image bytes]
 CANCEL = b"cancel"  # front end -> engine: request id; the caller went away
@@ -113,12 +119,55 @@ class EngineState:
     frontends: int = 0
 
 
+Message = tuple[bytes, Any, bytes | None]  # (kind, body, payload)
+
+
 def dumps(body: object) -> bytes:
     return pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def loads(frame: bytes | memoryview) -> Any:
     return pickle.loads(frame)
+
+
+class Outbox:
+    """Messages to send, coalesced per peer and per event-loop iteration.
+
+    Args:
+        socket: A ROUTER (``routed``: each peer's messages go to that peer) or a DEALER socket
+            (one peer, ``None``) with no send high-water mark, so a send never waits: what is in
+            flight is bounded by the engine's admission, not by the socket.
+        routed: Whether the socket is a ROUTER.
+    """
+
+    def __init__(self, socket: Any, *, routed: bool) -> None:
+        self._socket = socket
+        self._routed = routed
+        self._queued: dict[bytes | None, list[Message]] = {}
+        self._scheduled = False
+
+    def put(self, peer: bytes | None, kind: bytes, body: Any, payload: bytes | None = None) -> None:
+        """Queue one message; it leaves at the end of this event-loop iteration."""
+        self._queued.setdefault(peer, []).append((kind, body, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send everything queued, one ZeroMQ message per peer."""
+        self._scheduled = False
+        queued, self._queued = self._queued, {}
+        for peer, messages in queued.items():
+            frames = [peer, dumps(messages)] if self._routed else [dumps(messages)]
+            # Through the asyncio socket (which keeps its read notifications right); it sends
+            # at once. A peer gone meanwhile loses its answers (ROUTER drops them).
+            sent = asyncio.ensure_future(self._socket.send_multipart(frames))
+            sent.add_done_callback(_log_send_error)
+
+
+def _log_send_error(sent: asyncio.Future[Any]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        logger.warning("messages to another process were not sent: %s", sent.exception())
 
 
 class ImageFiles:

@@ -1,0 +1,333 @@
+"""What one request costs the serving path: ``pose-service serve --model identity`` with 1 and 2
+front ends against a bare FastAPI route and a bare ``grpc.aio`` servicer (``bench.bare_servers``).
+
+The identity model computes nothing (caller boxes back as persons), so every CPU second the
+server spends is plumbing: HTTP or gRPC parsing, decoding a 64x48 JPEG, validation, IPC to the
+engine process, batching, serialisation, metrics, the access log. The figure is **server CPU per
+answered request**, summed over the server's whole process tree and read from ``/proc`` (so it
+does not depend on how fast the load generator is), plus the engine process's own share and
+requests/s (which do depend on it: the load generator shares the machine).
+
+The load generator is lean on purpose: HTTP requests are pre-built bytes written on keep-alive
+asyncio streams, gRPC goes through ``grpc.aio`` (unary calls; a stream keeps ``--window`` frames in
+flight). Closed loop, ``--concurrency`` callers.
+
+    python -m bench.frontend --duration-s 6 --concurrency 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from bench.common import REPO_ROOT, environment, write_result
+from bench.servers import free_port
+
+BOXES = [[4.0, 4.0, 20.0, 30.0], [30.0, 8.0, 16.0, 30.0], [10.0, 2.0, 12.0, 12.0]]
+MODES = ("http-raw", "http-json", "grpc-unary", "grpc-stream")
+TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")
+
+
+def tiny_jpeg() -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    process: subprocess.Popen[bytes]
+    http_port: int | None
+    grpc_port: int | None
+    log: Path
+    engine_pid: int | None = None
+    modes: tuple[str, ...] = field(default=MODES)
+
+    def tree_pids(self) -> list[int]:
+        """The server process and all its descendants, now."""
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        tree, frontier = [self.process.pid], [self.process.pid]
+        while frontier:
+            children = [pid for pid, ppid in parents.items() if ppid in frontier]
+            tree += children
+            frontier = children
+        return tree
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def start_target(name: str, log_dir: Path) -> Target:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSE_")}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    log = log_dir / f"{name}.log"
+    http_port, grpc_port = free_port(), free_port()
+    if name.startswith("service-"):
+        command = [
+            sys.executable, "-m", "service", "serve", "--model", "identity",
+            "--frontends", name.split("-")[1], "--host", "127.0.0.1",
+            "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--max-queue-size", "1024",
+        ]  # fmt: skip
+        modes = MODES
+    elif name == "bare-fastapi":
+        command = [sys.executable, "-m", "bench.bare_servers", "http", str(http_port)]
+        grpc_port, modes = None, ("http-raw", "http-json")
+    elif name == "bare-grpc":
+        command = [sys.executable, "-m", "bench.bare_servers", "grpc", str(grpc_port)]
+        http_port, modes = None, ("grpc-unary", "grpc-stream")
+    else:
+        raise ValueError(f"unknown target {name}")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    target = Target(name, process, http_port, grpc_port, log, modes=modes)
+    _wait_ready(target)
+    if name == "service-2":
+        for line in log.read_text().splitlines():
+            if '"processes started"' in line:
+                target.engine_pid = json.loads(line)["engine_pid"]
+    return target
+
+
+def _wait_ready(target: Target, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if target.process.poll() is not None:
+            raise RuntimeError(f"{target.name} exited:\n{target.log.read_text()[-3000:]}")
+        try:
+            if target.http_port is not None:
+                url = f"http://127.0.0.1:{target.http_port}/readyz"
+                if httpx.get(url, timeout=2).status_code == 200:
+                    if target.name == "service-2":
+                        time.sleep(1.0)  # both front ends listening (ready means all are)
+                    return
+            else:
+                import grpc
+
+                with grpc.insecure_channel(f"127.0.0.1:{target.grpc_port}") as channel:
+                    grpc.channel_ready_future(channel).result(timeout=2)
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{target.name} not ready:\n{target.log.read_text()[-3000:]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------
+
+
+def http_request(mode: str, port: int, image: bytes) -> bytes:
+    if mode == "http-raw":
+        query = "boxes=" + json.dumps(BOXES, separators=(",", ":"))
+        path = "/v1/pose?" + query.replace("[", "%5B").replace("]", "%5D").replace(",", "%2C")
+        body, kind = image, "image/jpeg"
+    else:
+        path = "/v1/pose"
+        body = json.dumps({"image": base64.b64encode(image).decode(), "boxes": BOXES}).encode()
+        kind = "application/json"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def http_caller(
+    port: int, request: bytes, stop: asyncio.Event, counts: dict[str, int]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while not stop.is_set():
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            counts["ok" if status == 200 else f"http {status}"] = (
+                counts.get("ok" if status == 200 else f"http {status}", 0) + 1
+            )
+    finally:
+        writer.close()
+
+
+async def grpc_unary_caller(
+    stub: Any, request: Any, stop: asyncio.Event, counts: dict[str, int]
+) -> None:
+    while not stop.is_set():
+        await stub.Estimate(request, timeout=30)
+        counts["ok"] = counts.get("ok", 0) + 1
+
+
+async def grpc_stream(
+    stub: Any, request: Any, window: int, stop: asyncio.Event, counts: dict[str, int]
+) -> None:
+    import grpc
+
+    call = stub.StreamEstimate()
+    slots = asyncio.Semaphore(window)
+
+    async def sender() -> None:
+        while not stop.is_set():
+            await slots.acquire()
+            await call.write(request)
+        await call.done_writing()
+
+    task = asyncio.create_task(sender())
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            break
+        counts["ok" if not response.error.code else response.error.code] = counts.get("ok", 0) + 1
+        slots.release()
+    await task
+
+
+async def run_level(
+    target: Target, mode: str, concurrency: int, duration_s: float, warmup_s: float, window: int
+) -> dict[str, Any]:
+    image = tiny_jpeg()
+    counts: dict[str, int] = {}
+    stop = asyncio.Event()
+    makers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    channel = None
+    if mode.startswith("http"):
+        assert target.http_port is not None
+        request = http_request(mode, target.http_port, image)
+        makers = [
+            lambda: http_caller(target.http_port, request, stop, counts)  # type: ignore[arg-type]
+        ] * concurrency
+    else:
+        import grpc
+
+        from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
+
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{target.grpc_port}")
+        stub = pose_pb2_grpc.PoseServiceStub(channel)
+        boxes = [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in BOXES]
+        message = pose_pb2.EstimateRequest(image=image, boxes=boxes)
+        if mode == "grpc-unary":
+            makers = [lambda: grpc_unary_caller(stub, message, stop, counts)] * concurrency
+        else:
+            streams = max(1, concurrency // window)
+            makers = [lambda: grpc_stream(stub, message, min(window, concurrency), stop, counts)]
+            makers *= streams
+    tasks = [asyncio.create_task(make()) for make in makers]
+    await asyncio.sleep(warmup_s)
+    pids = target.tree_pids()
+    ok0, cpu0 = counts.get("ok", 0), cpu_seconds(pids)
+    engine0 = cpu_seconds([target.engine_pid]) if target.engine_pid else 0.0
+    t0 = time.monotonic()
+    await asyncio.sleep(duration_s)
+    ok1, cpu1 = counts.get("ok", 0), cpu_seconds(pids)
+    engine1 = cpu_seconds([target.engine_pid]) if target.engine_pid else 0.0
+    seconds = time.monotonic() - t0
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if channel is not None:
+        await channel.close()
+    answered = ok1 - ok0
+    return {
+        "target": target.name,
+        "mode": mode,
+        "concurrency": concurrency,
+        "answered": answered,
+        "requests_per_s": answered / seconds,
+        "server_cpu_ms_per_request": 1000.0 * (cpu1 - cpu0) / answered if answered else None,
+        "engine_cpu_ms_per_request": (
+            1000.0 * (engine1 - engine0) / answered if answered and target.engine_pid else None
+        ),
+        "processes": len(pids),
+        "not_ok": {k: v for k, v in counts.items() if k != "ok"},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--duration-s", type=float, default=6.0)
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--window", type=int, default=16, help="frames in flight per stream")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
+    env = environment("cpu")
+    rows = []
+    for name in args.targets:
+        target = start_target(name, log_dir)
+        try:
+            for mode in [m for m in args.modes if m in target.modes]:
+                for concurrency in args.concurrency:
+                    row = asyncio.run(
+                        run_level(
+                            target, mode, concurrency, args.duration_s, args.warmup_s, args.window
+                        )
+                    )
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            target.stop()
+    path = write_result("frontend", "cpu", args, rows, out_dir=args.out_dir, env=env)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
