@@ -42,7 +42,14 @@ from bench.servers import free_port
 
 BOXES = [[4.0, 4.0, 20.0, 30.0], [30.0, 8.0, 16.0, 30.0], [10.0, 2.0, 12.0, 12.0]]
 MODES = ("http-raw", "http-json", "grpc-unary", "grpc-stream")
-TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")
+TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")  # service-N: any N >= 1
+
+
+def target_name(value: str) -> str:
+    """argparse type: a known target or ``service-N``."""
+    if value in TARGETS or (value.startswith("service-") and value[8:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"{value}: one of {', '.join(TARGETS)} or service-N")
 
 
 def tiny_jpeg() -> bytes:
@@ -106,7 +113,7 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start_target(name: str, log_dir: Path) -> Target:
+def start_target(name: str, log_dir: Path, device: str = "cpu") -> Target:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSE_")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     log = log_dir / f"{name}.log"
@@ -116,7 +123,7 @@ def start_target(name: str, log_dir: Path) -> Target:
             sys.executable, "-m", "service", "serve", "--model", "identity",
             "--frontends", name.split("-")[1], "--host", "127.0.0.1",
             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--max-queue-size", "1024",
+            "--max-queue-size", "1024", "--device", device,
         ]  # fmt: skip
         modes = MODES
     elif name == "bare-fastapi":
@@ -133,7 +140,7 @@ def start_target(name: str, log_dir: Path) -> Target:
         )
     target = Target(name, process, http_port, grpc_port, log, modes=modes)
     _wait_ready(target)
-    if name == "service-2":
+    if name.startswith("service-") and name != "service-1":
         for line in log.read_text().splitlines():
             if '"processes started"' in line:
                 target.engine_pid = json.loads(line)["engine_pid"]
@@ -149,7 +156,7 @@ def _wait_ready(target: Target, timeout_s: float = 120.0) -> None:
             if target.http_port is not None:
                 url = f"http://127.0.0.1:{target.http_port}/readyz"
                 if httpx.get(url, timeout=2).status_code == 200:
-                    if target.name == "service-2":
+                    if target.name.startswith("service-") and target.name != "service-1":
                         time.sleep(1.0)  # both front ends listening (ready means all are)
                     return
             else:
@@ -299,7 +306,8 @@ async def run_level(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), type=target_name)
+    parser.add_argument("--device", default="cpu", help="the service's device (POSE_DEVICE)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--duration-s", type=float, default=6.0)
@@ -308,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
-    env = environment("cpu")
+    env = environment(args.device)
     rows = []
     for name in args.targets:
-        target = start_target(name, log_dir)
+        target = start_target(name, log_dir, args.device)
         try:
             for mode in [m for m in args.modes if m in target.modes]:
                 for concurrency in args.concurrency:
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
         finally:
             target.stop()
-    path = write_result("frontend", "cpu", args, rows, out_dir=args.out_dir, env=env)
+    path = write_result("frontend", args.device, args, rows, out_dir=args.out_dir, env=env)
     print(f"wrote {path}", flush=True)
     return 0
 

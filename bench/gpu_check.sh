@@ -16,6 +16,7 @@
 #   model               bench.model: DistilPose-S and -L, fp32 and bf16, eager and CUDA graphs
 #   decode              bench.decode: nvJPEG (batched) against the CPU decoders
 #   serve_identity      bench.serve on the identity model: the serving path alone
+#   frontends           bench.frontend: the identity model with 1, 2, 4 and 8 front-end processes
 #   serve_distilpose_s  bench.serve on DistilPose-S (recipe weights), bf16
 #   model_compile       bench.model with torch.compile (bf16): last, its cold compiles are slow
 #
@@ -85,7 +86,8 @@ fi
 DEADLINE=$((SECONDS + BUDGET_S))
 MIN_STEP_S=10
 WEIGHTS=$WORK/distilpose_s.pth
-STEPS=(setup weights cuda_tests model decode serve_identity serve_distilpose_s model_compile)
+STEPS=(setup weights cuda_tests model decode serve_identity frontends serve_distilpose_s
+  model_compile)
 ROWS=()      # "step|status|seconds|exit|result|note", in order
 FAILED=()    # steps whose log tail goes into the summary
 for step in ${ONLY//,/ }; do
@@ -124,6 +126,10 @@ if doc["part"] == "serve":
     errors = sum(r["errors"] for r in rows)
     print(f"C={top}: " + "; ".join(parts) + (f"; vs naive: {', '.join(ratios)}" if ratios else "")
           + f"; {errors} errors")
+elif doc["part"] == "frontend":
+    top = max(r["concurrency"] for r in rows)
+    print("; ".join(f"{r['target']} {r['mode']} {n(r['requests_per_s'])} req/s" for r in rows
+                    if r["concurrency"] == top))
 elif doc["part"] == "model":
     best = {}
     for r in ok:
@@ -293,6 +299,8 @@ if ((DRY)); then
   SERVE=(--concurrency 1 --duration-s 0.5 --warmup-s 0.2 --persons-max 1 --window 1
     --no-server-warmup --engine-env POSE_BACKEND=torch)
   COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
+  FRONTENDS=(--targets service-1 service-2 --modes http-raw --concurrency 1 --duration-s 0.5
+    --warmup-s 0.2)
 else
   MODEL=(--models distilpose_s distilpose_l --batch-sizes 1 8 64 256 1024 --max-batch-l 256
     --precisions fp32 bf16 --warmup 5 --repeats 30 --min-repeats 5 --max-seconds 1)
@@ -304,6 +312,8 @@ else
   SERVE=(--concurrency 64 128 --duration-s 5 --warmup-s 1
     --engine-env POSE_MAX_BATCH_SIZE=64 POSE_MAX_QUEUE_SIZE=512)
   COMPILE_ENV=()
+  FRONTENDS=(--targets service-1 service-2 service-4 service-8 --modes http-raw grpc-unary
+    --concurrency 64 256 --duration-s 4 --warmup-s 1)
 fi
 
 run_step model 120 "$PY" -m bench.model --device "$DEVICE" --flip off --cuda-graphs \
@@ -311,6 +321,8 @@ run_step model 120 "$PY" -m bench.model --device "$DEVICE" --flip off --cuda-gra
 run_step decode 60 "$PY" -m bench.decode --device "$DEVICE" "${DECODE[@]}" --out-dir "$DIR/decode"
 run_step serve_identity 120 "$PY" -m bench.serve --device "$DEVICE" --model identity \
   "${SERVE[@]}" --out-dir "$DIR/serve_identity"
+run_step frontends 150 "$PY" -m bench.frontend --device "$DEVICE" "${FRONTENDS[@]}" \
+  --out-dir "$DIR/frontends"
 run_step serve_distilpose_s 150 "$PY" -m bench.serve --device "$DEVICE" --model distilpose_s \
   --weights "$WEIGHTS" --precision bf16 "${SERVE[@]}" --out-dir "$DIR/serve_distilpose_s"
 run_step model_compile 180 "${COMPILE_ENV[@]}" "$PY" -m bench.model --device "$DEVICE" \

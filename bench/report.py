@@ -211,7 +211,26 @@ def serve_tables(doc: dict[str, Any]) -> str:
     return "Per level:\n\n" + t1 + "\n\nEngine vs naive, side by side:\n\n" + t2
 
 
+def frontend_tables(doc: dict[str, Any]) -> str:
+    """``bench.frontend``: server CPU per request (process tree), the engine's share, req/s."""
+    rows = [
+        [
+            r["target"],
+            r["mode"],
+            str(r["concurrency"]),
+            _f(r["server_cpu_ms_per_request"], 3) if r["server_cpu_ms_per_request"] else "-",
+            _f(r["engine_cpu_ms_per_request"], 3) if r["engine_cpu_ms_per_request"] else "-",
+            _f(r["requests_per_s"], 0),
+            str(sum(r["not_ok"].values())),
+        ]
+        for r in doc["results"]
+    ]
+    header = ["target", "mode", "C", "server CPU ms/req", "engine ms/req", "req/s", "not ok"]
+    return _table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "frontend": frontend_tables,
     "model": model_tables,
     "decode": decode_tables,
     "pipeline": pipeline_tables,

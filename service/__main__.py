@@ -1,12 +1,14 @@
 """The composition root and the ``pose-service`` command.
 
 ``pose-service serve`` reads the settings (flags > ``POSE_*`` environment > defaults; unknown flags
-and variables are errors), chooses the model, and runs on ONE event loop: the engine (one pipeline
-worker per device), the FastAPI app under ``uvicorn.Server`` and the gRPC server. Readiness turns
-green (``/readyz`` 200, gRPC health SERVING) only after every pipeline is built and warmed up.
-SIGTERM or SIGINT drains: readiness goes 503 and gRPC health NOT_SERVING at once, admitted work
-finishes within ``drain_grace_s`` (new work gets 503 / UNAVAILABLE), then both servers stop. A
-second signal skips the wait.
+and variables are errors), chooses the model, and runs on ONE event loop (uvloop): the engine (one
+pipeline worker per device), the FastAPI app under ``uvicorn.Server`` and the gRPC server
+(``service.serving``). Readiness turns green (``/readyz`` 200, gRPC health SERVING) only after every
+pipeline is built and warmed up. SIGTERM or SIGINT drains: readiness goes 503 and gRPC health
+NOT_SERVING at once, admitted work finishes within ``drain_grace_s`` (new work gets 503 /
+UNAVAILABLE), then both servers stop. A second signal skips the wait. With ``--frontends N`` > 1
+it runs as a parent of one engine process and N front-end processes instead
+(``service.processes``).
 
 Which model is served (always logged, and shown by ``GET /v1/models``):
 

@@ -1,14 +1,24 @@
-"""The engine's batch queue: a bounded, thread-safe queue of jobs with Triton's batching policy.
+"""The engine's batch queue: a bounded, thread-safe queue of jobs, batches sized by measured cost.
 
 ``service.engine.Engine`` admits jobs on the event loop; its worker threads take batches from here.
-The policy (Triton's dynamic batcher): a batch is due when ``max_batch_size`` jobs are queued, or
-when the oldest queued job has waited ``max_delay_s`` (only the first job of a batch waits; 0 takes
-what is queued and goes), or at once when every queued job is ``eager``: a tracked stream's frame,
-whose next frame waits for its answer, so that waiting would only add latency to a lone stream
-(frames of other streams still batch with it whenever they are queued together). A batch is
-filled round-robin over the jobs' sources (API keys, connections, streams), so that no source
-starves another. Jobs being decoded hold a slot too, so ``max_queue_size`` bounds all work
-admitted and not yet running, and overload is refused before any of it is spent.
+The policy starts from Triton's dynamic batcher: a batch is due when ``max_batch_size`` jobs are
+queued, or when the oldest queued job has waited ``max_delay_s`` (only the first job of a batch
+waits; 0 takes what is queued and goes), or at once when every queued job is ``eager``: a tracked
+stream's frame, whose next frame waits for its answer, so that waiting would only add latency to a
+lone stream (frames of other streams still batch with it whenever they are queued together).
+
+Work is counted in crops (a job's caller boxes; for an image the detector reads, the persons it
+finds plus the detector's own cost in crop-equivalents, both measured), not images. A worker with
+a calibrated ``CostCurve`` (``service.workers.calibrate``: its pipeline's measured seconds per crop
+by call size, refined by every batch it runs) also makes a batch due, and stops filling it, at the
+size its curve says pays: the smallest whose cost per crop is within a few per cent of the best
+measured, or the best itself while a backlog of such batches is queued, so that a CPU where big
+batches cost more per crop runs small ones and a GPU grows them while they still pay. A batch is
+filled fairly over the jobs' sources (API keys, connections, streams): the next job is always the
+oldest of the source served fewest crops, so a busy source (a stream, a client in a loop, one with
+many boxes per image) cannot keep a source with one job waiting beyond one batch. Jobs being
+decoded hold a slot too, so ``max_queue_size`` bounds all work admitted and not yet running, and
+overload is refused before any of it is spent.
 
 Every job moves ``DECODING -> QUEUED -> RUNNING -> DONE`` (or straight to ``DONE``) under one
 lock; a job in ``DONE`` is never handed to a pipeline: that is how cancelled and expired jobs are
@@ -19,33 +29,187 @@ No asyncio here: settling futures is the engine's business.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from model.interfaces import PipelineItem
+from model.interfaces import BatchStats, PipelineItem
 from service.gpu_decode import EncodedJpeg
 
-__all__ = ["BatchQueue", "Job", "JobState"]
+__all__ = ["CURVE_SIZES", "BatchQueue", "CostCurve", "Job", "JobState", "sweep_sizes"]
 
 # Retry hint bounds (seconds) for a refused job, and the hint used before any batch has run.
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 30.0
 RETRY_DEFAULT_S = 1.0
-# Weight of the newest batch in the throughput and batch-time estimates.
+# Weight of the newest batch in the throughput, batch-time and cost-curve estimates.
 _RATE_EWMA_ALPHA = 0.2
 # Admission by time asks for this much headroom over the estimated finish.
 _ADMIT_MARGIN = 1.5
+# Call sizes (crops) the cost curve keeps a figure for, about 1.5x apart (1, 2, 3, 4, 6, 8, 12,
+# ...): a batch refines the figure of the size nearest to it on a log scale.
+CURVE_SIZES: tuple[int, ...] = tuple(
+    sorted({1, *(p for k in range(1, 21) for p in (2**k, 3 * 2 ** (k - 1)))})
+)
+# A bigger batch pays when it costs at least this much less per crop than every smaller one.
+_PAYS = 0.02
+# With little queued, the smallest batch within this much of the best cost per crop is taken:
+# latency for a throughput loss of at most this much.
+_TOLERANCE = 0.05
+# With this many best-size batches' worth of work queued, the best size itself is taken.
+_BACKLOG_BATCHES = 2.0
+# Every this many batches one is formed at a size next to the best (up and down in turn), so that
+# the curve follows a device whose costs change (other load on a shared CPU moves the best size).
+_PROBE_EVERY = 8
 
 
 def _ewma(old: float | None, sample: float) -> float:
     return sample if old is None else (1 - _RATE_EWMA_ALPHA) * old + _RATE_EWMA_ALPHA * sample
+
+
+def _nearest_size(work: float) -> int:
+    """The ``CURVE_SIZES`` entry nearest to ``work`` on a log scale."""
+    if work <= CURVE_SIZES[0]:
+        return CURVE_SIZES[0]
+    i = bisect.bisect_left(CURVE_SIZES, work)
+    if i >= len(CURVE_SIZES):
+        return CURVE_SIZES[-1]
+    low, high = CURVE_SIZES[i - 1], CURVE_SIZES[i]
+    return low if math.log(work / low) <= math.log(high / work) else high
+
+
+class CostCurve:
+    """One worker's measured seconds per crop of a pose forward (and its share of the call), by
+    forward size in crops.
+
+    Calibrated at warm-up (``service.workers.calibrate``) and refined by every batch the worker
+    runs: each entry of ``CURVE_SIZES`` keeps an EWMA of the seconds per crop of the forwards
+    nearest to it. A batch is formed for a size (``plan``) and its crops run in forwards of at
+    most that size (the worker sets the pipeline's chunk), so a batch of more crops (one job
+    bigger than the size) measures that size too. Every ``_PROBE_EVERY`` batches one is planned
+    at a neighbouring size, so that the curve keeps up with changing costs. Owned by one worker
+    thread (it plans, runs and observes its batches): not locked.
+    """
+
+    def __init__(self) -> None:
+        self._per_crop: dict[int, float] = {}  # CURVE_SIZES entry -> seconds per crop
+        self.planned: int | None = None  # the size of the batch formed last (None: no bound)
+        self._batches = 0
+        self._probe_up = True
+
+    def seed(self, size: int, seconds_per_crop: float) -> None:
+        """Set the figure of ``size`` (a ``CURVE_SIZES`` entry) from a calibration."""
+        self._per_crop[_nearest_size(size)] = seconds_per_crop
+
+    def observe(self, work: float, seconds: float) -> None:
+        """Feed a call of ``work`` crops that took ``seconds``, run in forwards of at most the
+        ``planned`` size, into the figure nearest to its forward size."""
+        if work <= 0 or seconds <= 0:
+            return
+        forward = work if self.planned is None else min(work, self.planned)
+        size = _nearest_size(forward)
+        self._per_crop[size] = _ewma(self._per_crop.get(size), seconds / work)
+
+    def plan(self, queued: float) -> int | None:
+        """The size of the batch about to be formed from ``queued`` crops: ``batch_size``, or
+        every ``_PROBE_EVERY`` batches a size next to the best (up when that much is queued,
+        and down, in turn). Remembered as ``planned`` for ``observe`` and the worker's chunk."""
+        size = self.batch_size(queued)
+        best = self.best_size()
+        self._batches += 1
+        if best is not None and self._batches % _PROBE_EVERY == 0:
+            i = CURVE_SIZES.index(best)
+            up, self._probe_up = self._probe_up, not self._probe_up
+            if up and i + 1 < len(CURVE_SIZES) and queued >= CURVE_SIZES[i + 1]:
+                size = CURVE_SIZES[i + 1]
+            elif not up and i > 0:
+                size = CURVE_SIZES[i - 1]
+        self.planned = size
+        return size
+
+    def figures(self) -> dict[int, float]:
+        """Seconds per crop by call size, for the sizes measured."""
+        return dict(sorted(self._per_crop.items()))
+
+    def best_size(self) -> int | None:
+        """The smallest size within ``_PAYS`` of the lowest cost per crop measured (the best
+        throughput); None before anything is measured."""
+        if not self._per_crop:
+            return None
+        lowest = min(self._per_crop.values())
+        return min(s for s, v in self._per_crop.items() if v <= lowest * (1 + _PAYS))
+
+    def batch_size(self, queued: float) -> int | None:
+        """Most crops the next batch should hold, given ``queued`` crops waiting.
+
+        The best size is the smallest within ``_PAYS`` of the lowest cost per crop measured. With
+        a backlog (``_BACKLOG_BATCHES`` best-size batches queued) that is the answer; with less,
+        the smallest size within ``_TOLERANCE`` of it, for latency. When the best is also the
+        largest size measured and more is queued, the next size up is tried: batches keep
+        growing while they still pay, and each size tried is then measured.
+
+        Returns:
+            Crops, or None before anything is measured (no bound from the curve).
+        """
+        best = self.best_size()
+        if best is None:
+            return None
+        sizes = sorted(self._per_crop)
+        lowest = min(self._per_crop.values())
+        if best == sizes[-1] and queued > best:
+            bigger = CURVE_SIZES.index(best) + 1
+            return CURVE_SIZES[bigger] if bigger < len(CURVE_SIZES) else best
+        if queued >= _BACKLOG_BATCHES * best:
+            return best
+        return next(s for s in sizes if self._per_crop[s] <= lowest * (1 + _TOLERANCE))
+
+
+def sweep_sizes(
+    measure: Callable[[int], float], sizes: Sequence[int], *, budget_s: float, repeats: int = 2
+) -> dict[int, float]:
+    """Seconds per crop of calls of growing size, until bigger ones stop paying.
+
+    Each size is run ``1 + repeats`` times (the first untimed: a new shape allocates and picks
+    kernels) and keeps its fastest run, the one least disturbed by other load. The sweep stops
+    after two sizes in a row that do not pay (``_PAYS`` below the best so far), at the end of
+    ``sizes``, or once ``budget_s`` seconds were spent measuring; then the three cheapest sizes
+    are timed once more each, in turn, so that one lucky run cannot pick the size alone.
+
+    Args:
+        measure: runs one call of that many crops and returns its seconds.
+        sizes: the sizes to try, growing.
+        budget_s: measuring time after which no further size is tried.
+        repeats: timed runs per size.
+
+    Returns:
+        Seconds per crop of each size tried.
+    """
+    runs: dict[int, list[float]] = {}
+    spent, best, misses = 0.0, math.inf, 0
+    for size in sizes:
+        times = [measure(size) for _ in range(1 + repeats)]
+        spent += sum(times)
+        runs[size] = times[1:]
+        per_crop = min(runs[size]) / size
+        if per_crop < best * (1 - _PAYS):
+            best, misses = per_crop, 0
+        else:
+            misses += 1
+        if misses >= 2 or spent >= budget_s:
+            break
+    cheapest = sorted(runs, key=lambda s: min(runs[s]) / s)[:3]
+    if len(cheapest) > 1:
+        for size in cheapest:
+            runs[size].append(measure(size))
+    return {size: min(times) / size for size, times in runs.items()}
 
 
 class JobState(enum.Enum):
@@ -83,6 +247,7 @@ class Job:
     eager: bool = False  # not held for a batch to fill while only eager jobs are queued
     image_bytes: int = 0  # decoded pixels counted against the engine's in-flight bound
     source: str = ""  # who sent it (API key, connection or stream): batches are fair across them
+    work: float = 1.0  # its cost in crops, estimated when admitted (``BatchQueue.admit``)
 
 
 class BatchQueue:
@@ -111,10 +276,14 @@ class BatchQueue:
         self._cv = threading.Condition(threading.RLock())
         self._queue: deque[Job] = deque()
         self._reserved = 0  # jobs in DECODING or QUEUED
+        self._reserved_work = 0.0  # their crops
         self._closed = False
-        self._rate: float | None = None  # images / s of one worker, EWMA over batches
+        self._rates: dict[int, float] = {}  # worker -> crops / s, EWMA over its batches
         self._running: set[Job] = set()  # taken by workers and not finished
         self._batch_s: float | None = None  # seconds of one batch, EWMA
+        self._boxless_work = 1.0  # crops of an image without caller boxes, EWMA
+        # Crops taken per source with jobs queued: the least served source goes next.
+        self._served: dict[str, float] = {}
         # One consumer forms a batch at a time, so that concurrent jobs coalesce instead of
         # spreading one by one over idle workers.
         self._form_lock = threading.Lock()
@@ -128,14 +297,16 @@ class BatchQueue:
         """Take a slot for ``job`` (state ``DECODING`` or ``QUEUED``; a queued job is queued now).
 
         Admission is by count (``max_queue_size``) and by time: once the workers' throughput is
-        known, a job whose expected wait plus its own service would pass its deadline (or whose
-        wait would pass ``max_wait_s``) is refused now rather than admitted into a timeout.
+        known (in crops per second), a job whose expected wait (the crops ahead of it) plus its
+        own service would pass its deadline (or whose wait would pass ``max_wait_s``) is refused
+        now rather than admitted into a timeout.
 
         Returns:
             None when admitted; else, taking nothing, the seconds after which a retry may be
             admitted (clamped to [RETRY_MIN_S, RETRY_MAX_S]).
         """
         with self._cv:
+            job.work = self._work_of_locked(job.item)
             if self._reserved >= self.max_queue_size:
                 return self._retry_locked(workers)
             wait = self._expected_wait_locked(workers)
@@ -148,10 +319,18 @@ class BatchQueue:
                 if late or (max_wait_s is not None and wait > max_wait_s):
                     return min(RETRY_MAX_S, max(RETRY_MIN_S, wait))
             self._reserved += 1
+            self._reserved_work += job.work
             if job.state is JobState.QUEUED:
                 self._append_locked(job)
             self._on_depth(self._reserved)
             return None
+
+    def _work_of_locked(self, item: PipelineItem) -> float:
+        """Crops of an item: its caller boxes, else what an image without boxes has cost."""
+        boxes = item.boxes
+        if isinstance(boxes, torch.Tensor) and boxes.dim() == 2:
+            return float(max(1, boxes.shape[0]))  # (0 boxes: still a call's share of overhead)
+        return self._boxless_work
 
     def enqueue(self, job: Job) -> bool:
         """Queue a decoded job. False when it left ``DECODING`` meanwhile (it is then dropped)."""
@@ -164,6 +343,9 @@ class BatchQueue:
 
     def _append_locked(self, job: Job) -> None:
         job.t_queued = time.monotonic()
+        if job.source not in self._served:
+            # A source starts level with the least served one queued: idle time earns no credit.
+            self._served[job.source] = min(self._served.values(), default=0.0)
         self._queue.append(job)
         self._cv.notify_all()
 
@@ -173,9 +355,14 @@ class BatchQueue:
             if job.state is JobState.QUEUED:
                 self._queue.remove(job)
             if job.state in (JobState.QUEUED, JobState.DECODING):
-                self._reserved -= 1
+                self._unreserve_locked(job)
                 self._on_depth(self._reserved)
             job.state = JobState.DONE
+
+    def _unreserve_locked(self, job: Job) -> None:
+        self._reserved -= 1
+        # Recounted when empty, so that float rounding cannot accumulate.
+        self._reserved_work = self._reserved_work - job.work if self._reserved else 0.0
 
     def still_running(self, jobs: list[Job]) -> list[Job]:
         """The jobs of a taken batch not settled since (cancelled or expired while it ran)."""
@@ -188,8 +375,13 @@ class BatchQueue:
             self._closed = True
             self._cv.notify_all()
 
-    def next_batch(self) -> tuple[list[Job], list[Job]] | None:
+    def next_batch(self, curve: CostCurve | None = None) -> tuple[list[Job], list[Job]] | None:
         """Block until a batch is due and take it (consumer side).
+
+        Args:
+            curve: the calling worker's cost curve: a batch is due, and stops growing, at the
+                crops it says pay (``CostCurve.plan``, which it remembers as ``planned``); None:
+                by ``max_batch_size`` alone.
 
         Returns:
             ``(batch, expired)``: jobs now ``RUNNING``, and jobs found past their deadline, now
@@ -201,7 +393,11 @@ class BatchQueue:
                     self._cv.wait()
                 if self._closed:
                     return None
+                queued = sum(job.work for job in self._queue)
+                crops = curve.batch_size(queued) if curve is not None else None
                 if len(self._queue) >= self.max_batch_size or self.max_delay_s <= 0:
+                    break
+                if crops is not None and queued >= crops:
                     break
                 if all(job.eager for job in self._queue):
                     break  # nothing else is queued: waiting would only delay a stream's frame
@@ -210,11 +406,13 @@ class BatchQueue:
                 if remaining <= 0:
                     break
                 self._cv.wait(remaining)
+            if curve is not None:
+                crops = curve.plan(queued)
             now = time.monotonic()
             batch: list[Job] = []
             expired: list[Job] = []
-            for job in self._take_fair_locked():
-                self._reserved -= 1
+            for job in self._take_fair_locked(crops):
+                self._unreserve_locked(job)
                 if job.deadline is not None and job.deadline <= now:
                     job.state = JobState.DONE
                     expired.append(job)
@@ -226,27 +424,40 @@ class BatchQueue:
             self._on_depth(self._reserved)
             return batch, expired
 
-    def _take_fair_locked(self) -> list[Job]:
-        """Up to ``max_batch_size`` jobs off the queue, round-robin over their sources.
+    def _take_fair_locked(self, crops: float | None) -> list[Job]:
+        """Up to ``max_batch_size`` jobs, and up to ``crops`` of work (at least one job), off the
+        queue, fairly over their sources.
 
-        Each pass takes the oldest queued job of every source, in the order of those jobs, so
-        a source with many jobs queued (a busy stream, a client in a loop) cannot keep a source
-        with one job waiting beyond one batch. Within a source, jobs keep their order.
+        Each job taken is the oldest queued job of the source served fewest crops so far (a
+        source's count starts level with the least served one when it gets a job queued, and is
+        forgotten once it has none), ties going to the older job; within a source jobs keep their
+        order. With equal jobs this is round-robin; with unequal ones a source of 16-box jobs
+        gets no more crops than one of 1-box jobs.
         """
-        if len({job.source for job in self._queue}) <= 1:  # the common case: plain FIFO
-            count = min(self.max_batch_size, len(self._queue))
-            return [self._queue.popleft() for _ in range(count)]
         taken: list[Job] = []
+        work = 0.0
         while self._queue and len(taken) < self.max_batch_size:
-            seen: set[str] = set()
-            for job in list(self._queue):
-                if len(taken) >= self.max_batch_size:
-                    break
-                if job.source not in seen:
-                    seen.add(job.source)
-                    taken.append(job)
-                    self._queue.remove(job)
+            job = self._next_fair_locked()
+            if taken and crops is not None and work + job.work > crops:
+                break
+            self._queue.remove(job)
+            self._served[job.source] += job.work
+            taken.append(job)
+            work += job.work
+        queued = {job.source for job in self._queue}
+        self._served = {s: n for s, n in self._served.items() if s in queued}
         return taken
+
+    def _next_fair_locked(self) -> Job:
+        heads: dict[str, Job] = {}
+        for job in self._queue:
+            heads.setdefault(job.source, job)
+            if len(heads) > 1 and len(heads) == len(self._served):
+                break  # every queued source's oldest job is known
+        if len(heads) == 1:
+            return self._queue[0]
+        # dicts keep insertion order, the age order of the heads: min() keeps the first on ties
+        return min(heads.values(), key=lambda job: self._served[job.source])
 
     def finished(self, jobs: list[Job]) -> None:
         """Taken ``jobs`` are over (answered, failed or dropped); idempotent. Called before their
@@ -255,11 +466,42 @@ class BatchQueue:
             self._running.difference_update(jobs)
 
     def record_batch(self, images: int, seconds: float) -> None:
-        """Feed one successful batch into the throughput estimate."""
-        sample = images / max(seconds, 1e-6)
+        """Kept for callers of the image-counting interface: does nothing. Workers record each
+        batch, in crops and per worker, with ``record``."""
+
+    def record(
+        self,
+        jobs: Sequence[Job],
+        stats: BatchStats,
+        seconds: float,
+        *,
+        worker: int = 0,
+        curve: CostCurve | None = None,
+    ) -> None:
+        """Feed one successful pipeline call of ``jobs`` into the estimates: the worker's rate
+        in crops per second, the batch time, what an image without boxes costs in crops, and the
+        worker's cost curve."""
         with self._cv:
-            self._rate = _ewma(self._rate, sample)
+            work = self._measured_work_locked(jobs, stats)
+            self._rates[worker] = _ewma(self._rates.get(worker), work / max(seconds, 1e-6))
             self._batch_s = _ewma(self._batch_s, seconds)
+        if curve is not None:
+            curve.observe(work, seconds)
+
+    def _measured_work_locked(self, jobs: Sequence[Job], stats: BatchStats) -> float:
+        """Crops a call did: its caller boxes, plus, for its images without boxes, the persons
+        found and the detector's seconds in crop-equivalents (at this call's pose cost)."""
+        boxes = [job.item.boxes for job in jobs]
+        caller = sum(int(b.shape[0]) for b in boxes if isinstance(b, torch.Tensor))
+        boxless = sum(1 for b in boxes if not isinstance(b, torch.Tensor))
+        if not boxless:
+            return float(max(caller, len(jobs)))
+        if stats.pose_crops > 0 and stats.pose_seconds > 0:
+            per_crop = stats.pose_seconds / stats.pose_crops
+            found = max(stats.pose_crops - caller, 0)
+            per_image = max(1.0, (found + stats.detect_seconds / per_crop) / boxless)
+            self._boxless_work = _ewma(self._boxless_work, per_image)
+        return max(caller, len(jobs) - boxless) + boxless * self._boxless_work
 
     def retry_after_s(self, workers: int) -> float:
         """Seconds until the queue has likely drained: the expected wait of a new job.
@@ -276,8 +518,12 @@ class BatchQueue:
         return min(RETRY_MAX_S, max(RETRY_MIN_S, wait))
 
     def _expected_wait_locked(self, workers: int) -> float | None:
-        """Seconds before a job admitted now starts: the images ahead of it (queued, decoding and
-        running) at the observed throughput; None before any batch has run."""
-        if self._rate is None or self._rate <= 0:
+        """Seconds before a job admitted now starts: the crops ahead of it (queued, decoding and
+        running) at the workers' measured rate; None before any batch has run."""
+        rates = [r for r in self._rates.values() if r > 0]
+        if not rates:
             return None
-        return (self._reserved + len(self._running)) / (self._rate * max(workers, 1))
+        # Workers not measured yet are counted at the mean of those measured.
+        total = sum(rates) * max(workers, len(rates)) / len(rates)
+        ahead = self._reserved_work + sum(job.work for job in self._running)
+        return ahead / total

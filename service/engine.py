@@ -174,6 +174,7 @@ class Engine:
             on_failure=self._failed,
             decoding=decoding,
             on_rejected=lambda job, exc: self._post(job, exc=exc),
+            calibration_budget_s=config.calibration_budget_s,
         )
         # Event-loop-only state.
         self._live: set[Job] = set()  # admitted jobs whose future is not settled yet
@@ -514,7 +515,6 @@ class Engine:
         self, jobs: list[Job], results: list[ImageResult], stats: BatchStats, seconds: float
     ) -> None:
         """Worker thread: answer every job of a pipeline call."""
-        self._queue.record_batch(len(jobs), seconds)
         self._queue.finished(jobs)
         self._observe(self._observer.on_batch, stats, len(jobs))
         now = time.monotonic()

@@ -53,6 +53,10 @@ class EngineConfig:
         max_boxes_per_job: A request with more caller boxes is run as several jobs of at most
             this many boxes (decoded once), so that one request cannot hold a worker for all its
             crops while every other client waits.
+        calibration_budget_s: Seconds each worker may spend after warm-up timing forwards of
+            1, 2, 3, 4, 6, ... crops, the cost curve the batcher sizes batches from
+            (``service.workers.calibrate``); 0 skips it (batches are then sized by
+            ``max_batch_size`` alone until live batches fill the curve).
     """
 
     max_batch_size: int = 16
@@ -66,6 +70,7 @@ class EngineConfig:
     max_queue_wait_ms: float | None = None
     max_inflight_image_bytes: int | None = None
     max_boxes_per_job: int = 16
+    calibration_budget_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -80,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"drain_grace_s must be >= 0, got {self.drain_grace_s}")
         if self.max_boxes_per_job < 1:
             raise ValueError(f"max_boxes_per_job must be >= 1, got {self.max_boxes_per_job}")
+        if self.calibration_budget_s < 0:
+            raise ValueError(f"calibration_budget_s must be >= 0, got {self.calibration_budget_s}")
 
 
 @dataclass

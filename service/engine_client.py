@@ -286,7 +286,12 @@ class EngineClient:
         if image.nbytes <= INLINE_LIMIT_BYTES:
             payload = image.contiguous().numpy().tobytes()
             return ImageRef("inline", shape), payload, image, time.monotonic() - t0
-        path = await loop.run_in_executor(self._pool, self._files.write, image)
+        try:
+            path = await loop.run_in_executor(self._pool, self._files.write, image)
+        except OSError as exc:  # /dev/shm full (a container's is 64 MiB) or gone: a copy
+            logger.warning("shared memory refused an image (%s): sending it inline", exc)
+            payload = image.contiguous().numpy().tobytes()
+            return ImageRef("inline", shape), payload, image, time.monotonic() - t0
         return ImageRef("file", shape, path), None, image, time.monotonic() - t0
 
     def _decode_small(self, data: bytes) -> torch.Tensor | None:

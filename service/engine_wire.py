@@ -226,6 +226,7 @@ def read_image(ref: ImageRef, payload: bytes | None) -> torch.Tensor | bytes:
     if ref.kind == "inline":
         if payload is None or len(payload) != size:
             raise ValueError("an inline image's bytes do not match its shape")
+        # (A copy: the message's bytes are read-only; inline images are small, or rare.)
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(ref.shape)
     if ref.kind == "file":
         # MAP_PRIVATE: the pages are the front end's, read in place.

@@ -153,7 +153,16 @@ class Settings(BaseSettings):
         "(default: only one that would miss its deadline)",
     )
     max_crops_per_batch: int = Field(
-        default=256, ge=1, description="most person crops in one forward"
+        default=256,
+        ge=1,
+        description="most person crops in one forward (an upper bound: the batcher picks the "
+        "size its measured cost curve says pays)",
+    )
+    calibration_budget_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="seconds each worker may spend after warm-up timing forwards of 1, 2, 3, 4, "
+        "6, ... crops, the cost curve batches are sized from (0: skip; live batches refine it)",
     )
     decode_workers: int = Field(default=2, ge=1, description="threads decoding uploads")
     gpu_decode: bool = Field(
@@ -336,6 +345,7 @@ class Settings(BaseSettings):
             "max_queue_wait_ms": self.max_queue_wait_ms,
             "max_inflight_image_bytes": self.max_inflight_image_bytes,
             "max_boxes_per_job": self.max_boxes_per_job,
+            "calibration_budget_s": self.calibration_budget_s,
         }
         return EngineConfig(**{**fields, **overrides})
 

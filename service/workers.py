@@ -6,6 +6,19 @@ then takes batches from the shared ``BatchQueue`` until it is closed. A batch is
 ``pipeline.run`` call; a CUDA out-of-memory error splits it in halves that are run in turn,
 recursively, so that only a single image that still does not fit fails.
 
+Batch sizes come from each worker's own measurements (``calibrate``): after the warm-up, a pipeline
+with a crop-chunk knob (``max_crops_per_batch``, network inputs per pose forward) is timed on calls
+of one forward of growing size (``service.batching.sweep_sizes``) until bigger forwards stop
+paying; those figures seed the worker's ``CostCurve``, which every batch it runs then refines
+(probing the sizes next to the best now and then) and from which the queue sizes its batches. The
+worker sets the pipeline's chunk for each batch to the size the batch was formed for (never above
+the configured one), so a batch is one forward of the size its curve chose, and a job with more
+boxes runs in forwards of that size. On this project's 2-core CPU, when it is quiet, a forward of
+4 inputs costs less per input than one of 8 or more (cache-bound), so the worker runs small
+batches; when other processes load it, bigger forwards pay again, and the probes find it; on a
+GPU the sweep and the batches keep growing while bigger forwards still pay. A pipeline without the
+knob (a test fake) is not calibrated, and its batches are sized by ``max_batch_size`` alone.
+
 With device decoding on (``DeviceDecoding``; ``EngineConfig.gpu_decode`` on one CUDA device), JPEGs
 arrive encoded (``Job.jpeg``) and the worker decodes them all in one call on its device, in its
 stream, just before ``pipeline.run``. A failing call is split in halves, recursively (a CUDA
@@ -30,12 +43,20 @@ from typing import Protocol
 
 import torch
 
-from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem
-from service.batching import BatchQueue, Job
+from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem, PoseOptions
+from service.batching import CURVE_SIZES, BatchQueue, CostCurve, Job, sweep_sizes
 from service.errors import ImageError
 from service.gpu_decode import EncodedJpeg, ImageHeader, decode_jpegs, sample_jpeg
 
-__all__ = ["DeviceDecoder", "DeviceDecoding", "Pipeline", "WorkerPool", "is_oom", "plan_decoding"]
+__all__ = [
+    "DeviceDecoder",
+    "DeviceDecoding",
+    "Pipeline",
+    "WorkerPool",
+    "calibrate",
+    "is_oom",
+    "plan_decoding",
+]
 
 # (JPEG files as 1-D uint8 CPU tensors, device) -> (3, H, W) uint8 RGB tensors on the device, in
 # order; all or nothing (``service.gpu_decode.decode_jpegs``).
@@ -45,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 # How long closing waits for a worker still inside a pipeline call.
 _JOIN_TIMEOUT_S = 10.0
+# Measuring time after which the warm-up's cost sweep tries no bigger size.
+CALIBRATION_BUDGET_S = 15.0
+# The calibration's image: (H, W) of a typical upload; its boxes are person-shaped.
+_CALIBRATION_IMAGE_HW = (480, 640)
 
 
 class Pipeline(Protocol):
@@ -132,6 +157,74 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
 
 
+def calibrate(
+    pipeline: Pipeline,
+    *,
+    budget_s: float = CALIBRATION_BUDGET_S,
+    clock: Callable[[], float] = time.perf_counter,
+) -> CostCurve | None:
+    """Measure ``pipeline``'s cost per crop by forward size and seed a cost curve with it.
+
+    Each call is one image with ``n`` person boxes, flip test on (``2n`` network inputs) and
+    ``max_crops_per_batch`` set to ``2n``, so that it is one forward of ``2n`` inputs. ``n`` grows
+    over ``CURVE_SIZES`` up to the configured ``max_crops_per_batch`` (``sweep_sizes``), which is
+    restored at the end: the worker sets the chunk for each batch (``WorkerPool``).
+
+    Returns:
+        The seeded curve, or None for a pipeline without an int ``max_crops_per_batch`` (nothing
+        is run then).
+    """
+    configured = _chunk_knob(pipeline)
+    if configured is None:
+        return None
+    height, width = _CALIBRATION_IMAGE_HW
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+    options = PoseOptions(flip_test=True)
+
+    def measure(crops: int) -> float:
+        pipeline.max_crops_per_batch = 2 * crops  # type: ignore[attr-defined]
+        boxes = _calibration_boxes(crops, width, height)
+        item = PipelineItem(image=image, boxes=boxes, options=options)
+        t0 = clock()
+        pipeline.run([item])  # returns host results: the device is done
+        return clock() - t0
+
+    sizes = [n for n in CURVE_SIZES if 2 * n <= max(2, configured)]
+    try:
+        per_crop = sweep_sizes(measure, sizes, budget_s=budget_s)
+    finally:
+        pipeline.max_crops_per_batch = configured  # type: ignore[attr-defined]
+    curve = CostCurve()
+    for crops, seconds in per_crop.items():
+        curve.seed(crops, seconds)
+    logger.info(
+        "cost per crop on %s by forward size (crops: ms): %s; best %s crops",
+        pipeline.device,
+        ", ".join(f"{n}: {1000 * s:.1f}" for n, s in per_crop.items()),
+        curve.best_size(),
+    )
+    return curve
+
+
+def _chunk_knob(pipeline: Pipeline) -> int | None:
+    """The pipeline's configured ``max_crops_per_batch`` (network inputs per forward), if any."""
+    configured = getattr(pipeline, "max_crops_per_batch", None)
+    if not isinstance(configured, int) or isinstance(configured, bool) or configured < 1:
+        return None
+    return configured
+
+
+def _calibration_boxes(count: int, width: int, height: int) -> torch.Tensor:
+    """``count`` person-shaped [x, y, w, h, score] boxes spread over a ``width`` x ``height``
+    image: (count, 5) float32."""
+    i = torch.arange(count, dtype=torch.float32)
+    w, h = width / 4, height / 2
+    x = (i * 37) % (width - w)
+    y = (i * 23) % (height - h)
+    return torch.stack((x, y, torch.full_like(i, w), torch.full_like(i, h), torch.ones_like(i)), 1)
+
+
 class WorkerPool:
     """Worker threads over one ``BatchQueue``.
 
@@ -147,6 +240,9 @@ class WorkerPool:
         decoding: Decode the jobs queued encoded on the worker's device; None: none are.
         on_rejected: ``(job, exception)``: the CPU decoder refused a file the device decoder
             refused (the exception goes to the caller unchanged); needed with ``decoding``.
+        calibration_budget_s: Measuring time of each worker's cost sweep (``calibrate``) after
+            its warm-up; 0 turns calibration off (batches sized by ``max_batch_size`` alone).
+        clock: Seconds for the calibration and batch timings (tests give a fake one).
     """
 
     def __init__(
@@ -161,6 +257,8 @@ class WorkerPool:
         on_failure: Callable[[list[Job], Exception], None],
         decoding: DeviceDecoding | None = None,
         on_rejected: Callable[[Job, Exception], None] | None = None,
+        calibration_budget_s: float = CALIBRATION_BUDGET_S,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if decoding is not None and on_rejected is None:
             raise ValueError("device decoding needs on_rejected")
@@ -173,7 +271,11 @@ class WorkerPool:
         self._on_failure = on_failure
         self._decoding = decoding
         self._on_rejected = on_rejected
+        self._calibration_budget_s = calibration_budget_s
+        self._clock = clock
         self.pipelines: list[Pipeline | None] = [None] * len(self.devices)
+        # Each worker's cost curve (None: not calibrated), read by its thread alone.
+        self.curves: list[CostCurve | None] = [None] * len(self.devices)
         self._threads: list[threading.Thread] = []
 
     def __len__(self) -> int:
@@ -231,15 +333,27 @@ class WorkerPool:
                     if self._decoding is not None and self._decoding.warmup is not None:
                         jpeg = torch.frombuffer(bytearray(self._decoding.warmup), dtype=torch.uint8)
                         self._decoding.decode([jpeg], _indexed(pipeline.device))
+                    if self._warmup and self._calibration_budget_s > 0:
+                        self.curves[index] = calibrate(
+                            pipeline, budget_s=self._calibration_budget_s, clock=self._clock
+                        )
                     self.pipelines[index] = pipeline
                     loop.call_soon_threadsafe(_settle_started, started, None)
                     reported = True
                     cuda = pipeline.device.type == "cuda"
-                    while (taken := self._queue.next_batch()) is not None:
+                    curve = self.curves[index]
+                    configured = _chunk_knob(pipeline)
+                    while (taken := self._queue.next_batch(curve)) is not None:
                         batch, expired = taken
                         self._on_taken(batch, expired)
+                        if curve is not None and configured is not None:
+                            # Forwards of at most the size the batch was formed for (with flip
+                            # test, two inputs a crop), so that a job bigger than it runs at it.
+                            size = curve.planned or configured
+                            chunk = min(configured, 2 * size)
+                            pipeline.max_crops_per_batch = chunk  # type: ignore[attr-defined]
                         try:
-                            self._execute(pipeline, device, cuda, batch)
+                            self._execute(pipeline, index, cuda, batch)
                         except Exception as exc:  # a bug in a callback must not kill the worker
                             logger.exception("worker on %s: unexpected error", device)
                             self._on_failure(batch, exc)
@@ -253,12 +367,13 @@ class WorkerPool:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already
                 loop.call_soon_threadsafe(_settle_started, started, exc)
 
-    def _execute(self, pipeline: Pipeline, device: str, cuda: bool, jobs: list[Job]) -> None:
+    def _execute(self, pipeline: Pipeline, index: int, cuda: bool, jobs: list[Job]) -> None:
         """Run ``jobs`` as one pipeline call; on CUDA OOM run the halves instead, recursively."""
+        device = self.devices[index]
         jobs = self._queue.still_running(jobs)  # cancelled or expired meanwhile: not run
         if not jobs:
             return
-        t0 = time.monotonic()
+        t0 = self._clock()
         if any(job.jpeg is not None for job in jobs):
             jobs = self._queue.still_running(self._decode(pipeline.device, cuda, jobs))
             if not jobs:
@@ -283,10 +398,12 @@ class WorkerPool:
             if cuda:
                 torch.cuda.empty_cache()
             half = len(jobs) // 2
-            self._execute(pipeline, device, cuda, jobs[:half])
-            self._execute(pipeline, device, cuda, jobs[half:])
+            self._execute(pipeline, index, cuda, jobs[:half])
+            self._execute(pipeline, index, cuda, jobs[half:])
             return
-        self._on_success(jobs, results, stats, time.monotonic() - t0)
+        seconds = self._clock() - t0
+        self._queue.record(jobs, stats, seconds, worker=index, curve=self.curves[index])
+        self._on_success(jobs, results, stats, seconds)
 
     def _decode(self, device: torch.device, cuda: bool, jobs: list[Job]) -> list[Job]:
         """Decode the JPEGs of ``jobs`` on ``device``; returns the jobs ready to run (those whose

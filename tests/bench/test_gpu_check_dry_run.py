@@ -26,11 +26,12 @@ REQUIRED = {
     "model",
     "decode",
     "serve_identity",
+    "frontends",
     "serve_distilpose_s",
     "model_compile",
 }
 BENCH_STEPS = {"model": "model", "decode": "decode", "model_compile": "model"}
-BENCH_STEPS |= {"serve_identity": "serve", "serve_distilpose_s": "serve"}
+BENCH_STEPS |= {"serve_identity": "serve", "serve_distilpose_s": "serve", "frontends": "frontend"}
 MAX_FILES_BACK = 8  # what a device call brings back from $OUT
 
 

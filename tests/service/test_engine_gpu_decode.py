@@ -539,7 +539,12 @@ async def test_real_pipeline_answers_equal_cpu_decoded_answers(
     engine = Engine(
         factory,
         ["cpu"],
-        EngineConfig(max_batch_size=len(uploads), max_delay_ms=600_000.0, gpu_decode=True),
+        EngineConfig(
+            max_batch_size=len(uploads),
+            max_delay_ms=600_000.0,
+            gpu_decode=True,
+            calibration_budget_s=0,  # one batch of them all, not the CPU's preferred size
+        ),
         decoder=partial(decode_image, max_pixels=MAX_PIXELS),
         probe=partial(probe_image, max_pixels=MAX_PIXELS),
         device_decoder=device_decoder,
@@ -581,7 +586,12 @@ async def test_cuda_route_end_to_end(engines: list[Engine]) -> None:
     engine = Engine(
         lambda device: pipeline,
         ["cuda"],
-        EngineConfig(max_batch_size=len(uploads), max_delay_ms=600_000.0, gpu_decode=True),
+        EngineConfig(
+            max_batch_size=len(uploads),
+            max_delay_ms=600_000.0,
+            gpu_decode=True,
+            calibration_budget_s=0,  # one batch of them all, not the CPU's preferred size
+        ),
         decoder=decoder,
         probe=partial(probe_image, max_pixels=MAX_PIXELS),
     )

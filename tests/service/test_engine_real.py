@@ -121,7 +121,12 @@ async def test_concurrent_batched_answers_equal_single_image_answers(
     engine = Engine(
         factory,
         [device],
-        EngineConfig(max_batch_size=BATCH, max_delay_ms=600_000.0, max_queue_size=IMAGES),
+        EngineConfig(
+            max_batch_size=BATCH,
+            max_delay_ms=600_000.0,
+            max_queue_size=IMAGES,
+            calibration_budget_s=0,  # batches of BATCH, not of the size the CPU prefers
+        ),
         decoder=lambda data: decode_image(data, max_pixels=10_000_000),
         observer=observer,
     )
