@@ -101,7 +101,8 @@ class Target:
                 self.process.wait(10)
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], *, system_only: bool = False) -> float:
+    """User + system CPU seconds of ``pids`` so far (system only: time in the kernel)."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
@@ -109,7 +110,7 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
+        total += (int(fields[12]) + (0 if system_only else int(fields[11]))) / tick
     return total
 
 
@@ -277,11 +278,11 @@ async def run_level(
     tasks = [asyncio.create_task(make()) for make in makers]
     await asyncio.sleep(warmup_s)
     pids = target.tree_pids()
-    ok0, cpu0 = counts.get("ok", 0), cpu_seconds(pids)
+    ok0, cpu0, sys0 = counts.get("ok", 0), cpu_seconds(pids), cpu_seconds(pids, system_only=True)
     engine0 = cpu_seconds([target.engine_pid]) if target.engine_pid else 0.0
     t0 = time.monotonic()
     await asyncio.sleep(duration_s)
-    ok1, cpu1 = counts.get("ok", 0), cpu_seconds(pids)
+    ok1, cpu1, sys1 = counts.get("ok", 0), cpu_seconds(pids), cpu_seconds(pids, system_only=True)
     engine1 = cpu_seconds([target.engine_pid]) if target.engine_pid else 0.0
     seconds = time.monotonic() - t0
     stop.set()
@@ -296,6 +297,7 @@ async def run_level(
         "answered": answered,
         "requests_per_s": answered / seconds,
         "server_cpu_ms_per_request": 1000.0 * (cpu1 - cpu0) / answered if answered else None,
+        "kernel_share": (sys1 - sys0) / (cpu1 - cpu0) if cpu1 > cpu0 else None,
         "engine_cpu_ms_per_request": (
             1000.0 * (engine1 - engine0) / answered if answered and target.engine_pid else None
         ),

@@ -220,12 +220,14 @@ def frontend_tables(doc: dict[str, Any]) -> str:
             str(r["concurrency"]),
             _f(r["server_cpu_ms_per_request"], 3) if r["server_cpu_ms_per_request"] else "-",
             _f(r["engine_cpu_ms_per_request"], 3) if r["engine_cpu_ms_per_request"] else "-",
+            f"{100 * r['kernel_share']:.0f} %" if r.get("kernel_share") is not None else "-",
             _f(r["requests_per_s"], 0),
             str(sum(r["not_ok"].values())),
         ]
         for r in doc["results"]
     ]
-    header = ["target", "mode", "C", "server CPU ms/req", "engine ms/req", "req/s", "not ok"]
+    header = ["target", "mode", "C", "server CPU ms/req", "engine ms/req", "in kernel", "req/s"]
+    header.append("not ok")
     return _table(header, rows)
 
 

@@ -518,6 +518,7 @@ class Engine:
         self._queue.finished(jobs)
         self._observe(self._observer.on_batch, stats, len(jobs))
         now = time.monotonic()
+        answers = []
         for job, result in zip(jobs, results, strict=True):
             timing = {
                 "queue": job.queue_s * 1000.0,
@@ -527,7 +528,20 @@ class Engine:
                 "total": (now - job.t_submit) * 1000.0,
             }
             image = job.item.image.cpu() if job.return_image else None
-            self._post(job, result=PoseResponse(result=result, timing_ms=timing, image=image))
+            answers.append((job, PoseResponse(result=result, timing_ms=timing, image=image)))
+        # One hand-over to the event loop per batch, not per job (each wakes the loop).
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, PoseResponse]]] = {}
+        for job, response in answers:
+            by_loop.setdefault(job.loop, []).append((job, response))
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._finish_answered, settled)
+            except RuntimeError:
+                logger.debug("event loop closed; dropping %d outcomes", len(settled))
+
+    def _finish_answered(self, settled: list[tuple[Job, PoseResponse]]) -> None:
+        for job, response in settled:
+            self._finish(job, result=response)
 
     def _failed(self, jobs: list[Job], cause: Exception) -> None:
         """Worker thread: fail the jobs of a failed pipeline call, and only those."""
