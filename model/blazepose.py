@@ -15,7 +15,11 @@ Bazarevsky et al., "BlazePose: On-device Real-time Body Pose tracking" (CVPR-W 2
 Left out: the segmentation and world-landmark heads (pruned from the converted graph), the pose
 detector (boxes come from the pipeline's detector or the caller), smoothing across video frames.
 
-COCO-17 keypoints are BlazePose points ``BLAZEPOSE_TO_COCO``; their score is sigmoid(visibility).
+COCO-17 keypoints are BlazePose points ``BLAZEPOSE_TO_COCO``; their score is the probability that
+the point is seen: pose presence x sigmoid(visibility) x sigmoid(presence), MediaPipe's "a person is
+in the crop" (it drops crops under 0.5), "the point is not occluded" and "the point is inside the
+frame". A box around no person (a detector's false positive) so scores near 0 on every point, and
+the pipeline zeroes a point decoded outside the image (``PoseModelInfo.zero_out_of_frame``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ BLAZEPOSE_FULL_INFO = PoseModelInfo(
     std=(1.0, 1.0, 1.0),
     padding=1.5,  # mean OKS 0.741 vs 0.695 at 1.25 on the COCO samples (one pass, no flip)
     has_sigmas=False,
+    zero_out_of_frame=True,
 )
 
 
@@ -61,12 +66,14 @@ class BlazePoseOutput:
     visibility: (N, 39) sigmoid of the visibility logit.
     presence: (N, 39) sigmoid of the per-point presence logit.
     pose_presence: (N,) probability that a pose is in the crop (MediaPipe drops < 0.5).
+    seen: (N, 39) pose_presence x visibility x presence: the keypoint score (module docstring).
     """
 
     landmarks: torch.Tensor
     visibility: torch.Tensor
     presence: torch.Tensor
     pose_presence: torch.Tensor
+    seen: torch.Tensor
 
 
 def refine_from_heatmap(
@@ -163,11 +170,14 @@ class BlazePose(nn.Module):
         raw = out["landmarks"].float().reshape(-1, NUM_LANDMARKS, 5)  # (N, 39, 5) input pixels
         coords = raw[..., :2] / INPUT_SIZE
         heatmap = out["heatmap"].float()  # (N, 39, 64, 64) logits
+        visibility, presence = torch.sigmoid(raw[..., 3]), torch.sigmoid(raw[..., 4])
+        pose_presence = out["presence"].float().reshape(-1)  # (N,)
         return BlazePoseOutput(
             landmarks=refine_from_heatmap(coords, heatmap),
-            visibility=torch.sigmoid(raw[..., 3]),
-            presence=torch.sigmoid(raw[..., 4]),
-            pose_presence=out["presence"].reshape(-1),
+            visibility=visibility,
+            presence=presence,
+            pose_presence=pose_presence,
+            seen=pose_presence.unsqueeze(1) * visibility * presence,
         )
 
     @torch.inference_mode()
@@ -186,7 +196,7 @@ class BlazePose(nn.Module):
         out = self.forward(crops)
         pose = PoseOutput(
             coords=out.landmarks.index_select(1, self.coco_index),
-            scores=out.visibility.index_select(1, self.coco_index),
+            scores=out.seen.index_select(1, self.coco_index),
             sigmas=None,
         )
         return pose, out.landmarks[:, 33:35]

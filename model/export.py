@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 # Bumped whenever what is exported changes (a new output, a different wrapper): cached files of
 # an older version are exported again.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 META_PREFIX = "distilpose_service."
 # Largest |ONNX - PyTorch| accepted per output, fp32. DistilPose: the golden tests' tolerances
 # (coordinates in [0, 1] crop units: 1e-5 is 0.003 px of a 256 px crop; measured < 5e-7).
@@ -123,7 +123,7 @@ class _BlazePoseGraph(nn.Module):
         """(N, 3, 256, 256) -> (N, 17, 2), (N, 17)."""
         out = self.net(crops)
         index = self.net.coco_index
-        return out.landmarks.index_select(1, index), out.visibility.index_select(1, index)
+        return out.landmarks.index_select(1, index), out.seen.index_select(1, index)
 
 
 class _SSDLiteGraph(nn.Module):

@@ -31,6 +31,9 @@ class PoseModelInfo:
     skeleton: tuple[tuple[int, int], ...] = COCO_SKELETON
     pixel_std: float = 200.0  # the official "scale" unit, kept for parity with mmpose
     has_sigmas: bool = True  # whether ``predict`` gives sigmas (``PoseOutput.sigmas``)
+    # Whether a keypoint that lands outside the image scores 0: true for a model whose scores are
+    # probabilities of being seen (BlazePose); false keeps a model's raw scores (DistilPose parity).
+    zero_out_of_frame: bool = False
 
     @property
     def aspect(self) -> float:

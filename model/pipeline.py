@@ -21,7 +21,10 @@ Choices where the task was silent (also in the README):
 * Keypoint scores are the model's raw values (DistilPose: may be < 0 or > 1). A non-finite model
   output (broken weights, fp16 overflow) is reported as 0 so that every number is a finite float.
 * Detector persons are ordered by instance score (then detector order); OKS-NMS, when asked, is
-  applied to detector persons only. Caller boxes keep their order and are never suppressed.
+  applied to detector persons only. Caller boxes keep their order and are never suppressed. A
+  model's catalogue entry may also drop detector persons always (``ModelSpec.dedup_oks``,
+  ``min_person_score``: the reference pair answers one person per body and none where no keypoint
+  is seen).
 * Sigmas come from the plain (not flipped) pass, in pixels along the crop axes; a model without
   sigmas (``PoseModelInfo.has_sigmas`` false) answers none when they are asked for, never zeros.
 * On CUDA, fp32 means IEEE fp32: creating a pipeline on a CUDA device turns TF32 off for
@@ -94,6 +97,11 @@ class TopDownPipeline:
         detector: a ``Detector`` for images without caller boxes, or None (whole image).
         device: where cropping, the pose model and post-processing run.
         max_crops_per_batch: most network inputs per pose forward (a flip-test box counts twice).
+        dedup_oks: drop a detector person whose OKS to a better-scored one of its image is above
+            this (``ModelSpec.dedup_oks``); None answers every detector box.
+        min_person_score: drop a detector person whose instance score is not above this
+            (``ModelSpec.min_person_score``: 0 drops a box where no keypoint scores above the
+            rescoring's 0.2); None answers every detector box.
     """
 
     def __init__(
@@ -102,6 +110,8 @@ class TopDownPipeline:
         detector: Detector | None = None,
         device: str | torch.device = "cpu",
         max_crops_per_batch: int = 256,
+        dedup_oks: float | None = None,
+        min_person_score: float | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -114,6 +124,8 @@ class TopDownPipeline:
         self._variants: dict[str, PoseModel] = dict(getattr(pose_model, "variants", {}))
         self.detector = detector
         self.max_crops_per_batch = max(1, int(max_crops_per_batch))
+        self.dedup_oks = dedup_oks
+        self.min_person_score = min_person_score
         self.info = pose_model.info
         names = self.info.keypoint_names
         self._flip_index = torch.tensor(flip_indices(names), dtype=torch.int64, device=self.device)
@@ -364,6 +376,10 @@ class TopDownPipeline:
         coords = torch.nan_to_num(coords, nan=0.0, posinf=0.0, neginf=0.0)
         scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         xy = crops.decode_keypoints(coords, centers, scales, info.input_size, info.pixel_std)
+        if info.zero_out_of_frame:
+            height_width = packed.sizes[image_index].to(xy.dtype)  # (n, 2) (H, W)
+            inside = (xy >= 0).all(-1) & (xy < height_width.flip(-1).unsqueeze(1)).all(-1)
+            scores = torch.where(inside, scores, torch.zeros_like(scores))
         if out.sigmas is not None:
             sig = crops.sigmas_to_pixels(out.sigmas[:n].float(), scales, info.pixel_std)
         else:
@@ -413,17 +429,23 @@ class TopDownPipeline:
         return results
 
     def _order_detections(self, host: torch.Tensor, rows: list[int], oks_nms: bool) -> list[int]:
-        """Detector persons by instance score (stable); OKS-NMS over them when asked."""
+        """Detector persons by instance score (stable), without those at or under
+        ``min_person_score``; OKS-NMS over them when asked, or always at ``dedup_oks``."""
         k = len(self.info.keypoint_names)
         sub = host[rows]  # (M, F)
         ranked = torch.argsort(sub[:, 5 * k], descending=True, stable=True)
-        if oks_nms and self._oks_sigmas is not None and len(rows) > 1:
+        if self.min_person_score is not None:
+            ranked = ranked[sub[ranked, 5 * k] > self.min_person_score]
+        thresholds = [OKS_NMS_THRESHOLD] if oks_nms else []
+        if self.dedup_oks is not None:
+            thresholds.append(self.dedup_oks)
+        if thresholds and self._oks_sigmas is not None and len(ranked) > 1:
             ranked_sub = sub[ranked]
             xy = ranked_sub[:, : 3 * k].view(-1, k, 3)[..., :2].double()
             area = ranked_sub[:, 5 * k + 1].double()
             oks = crops.oks_matrix(xy.unsqueeze(0), area.unsqueeze(0), self._oks_sigmas)
-            valid = torch.ones((1, len(rows)), dtype=torch.bool)
-            keep = crops.greedy_suppression(oks, valid, OKS_NMS_THRESHOLD)[0]
+            valid = torch.ones((1, len(ranked)), dtype=torch.bool)
+            keep = crops.greedy_suppression(oks, valid, min(thresholds))[0]
             ranked = ranked[keep]
         return [rows[j] for j in ranked.tolist()]
 
@@ -506,4 +528,12 @@ def build_pipeline(
 
         cache = default_cache_dir() if cache_dir is None else cache_dir
         pose, det = apply_backend(pose, det, backend=backend, device=device, cache_dir=cache)
-    return TopDownPipeline(pose, det, device=device, max_crops_per_batch=max_crops_per_batch)
+    spec = CATALOGUE.get(model) if model is not None else None
+    return TopDownPipeline(
+        pose,
+        det,
+        device=device,
+        max_crops_per_batch=max_crops_per_batch,
+        dedup_oks=None if spec is None else spec.dedup_oks,
+        min_person_score=None if spec is None else spec.min_person_score,
+    )

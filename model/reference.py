@@ -309,6 +309,7 @@ def load_detector(
     nms_iou: float = 0.6,
     max_persons: int = 100,
     min_box_size: float = 0.0,
+    tiles: int = 1,
 ) -> SSDLitePersonDetector:
     """Load a cached reference person detector (a ``Detector``).
 
@@ -320,6 +321,8 @@ def load_detector(
         nms_iou: NMS IoU threshold.
         max_persons: detections kept per image.
         min_box_size: minimum box width and height in pixels.
+        tiles: 1 for the graph's one look at the whole image; n for n x n tiles as well (what the
+            catalogue serves, ``model.catalogue``).
 
     Raises:
         KeyError: unknown name.
@@ -336,5 +339,6 @@ def load_detector(
         nms_iou=nms_iou,
         max_persons=max_persons,
         min_box_size=min_box_size,
+        tiles=tiles,
         weights_sha256=meta["source_sha256"],
     )

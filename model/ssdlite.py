@@ -174,6 +174,55 @@ class SSDLite(nn.Module):
         return boxes, scores
 
 
+# Each tile of an n x n grid spans 1/n of the image plus this fraction of it, so that a person cut
+# by one tile's edge is whole in its neighbour (0.1 at n = 2: tiles of 60 % of each side).
+TILE_OVERLAP = 0.1
+
+
+def tile_windows(width: int, height: int, grid: int) -> list[tuple[int, int, int, int]]:
+    """The ``grid`` x ``grid`` overlapping tiles of an image, row by row.
+
+    Returns:
+        grid**2 windows (x0, y0, x1, y1) in pixels, each at least 1 px wide and high.
+    """
+
+    def spans(size: int) -> list[tuple[int, int]]:
+        span = max(1, min(size, round(size * (1 / grid + TILE_OVERLAP))))
+        starts = [round((size - span) * k / (grid - 1)) for k in range(grid)]
+        return [(start, start + span) for start in starts]
+
+    return [(x0, y0, x1, y1) for y0, y1 in spans(height) for x0, x1 in spans(width)]
+
+
+# A tile's box that lies this much (intersection over its own area) inside a box of the whole
+# image's look is a part of a person found already (a head, a torso), not a new person.
+TILE_INSIDE_WHOLE = 0.8
+
+
+def new_persons(xyxy: torch.Tensor, image: torch.Tensor, is_tile: torch.Tensor) -> torch.Tensor:
+    """Which boxes to keep after NMS: the whole image's, and tiles' that add a person.
+
+    Args:
+        xyxy: (D, 4) [x1, y1, x2, y2] normalised.
+        image: (D,) image of each box.
+        is_tile: (D,) whether the box comes from a tile.
+
+    Returns:
+        (D,) bool.
+    """
+    low = torch.maximum(xyxy[:, None, :2], xyxy[None, :, :2])  # (D, D, 2)
+    high = torch.minimum(xyxy[:, None, 2:], xyxy[None, :, 2:])
+    inter = (high - low).clamp(min=0).prod(-1)  # (D, D)
+    area = (xyxy[:, 2:] - xyxy[:, :2]).clamp(min=0).prod(-1)  # (D,)
+    inside = inter / area.clamp(min=1e-12).unsqueeze(1)  # [i, j]: share of box i inside box j
+    # [i, j]: i from a tile, j from the whole image, both of one image
+    pairs = (
+        is_tile.unsqueeze(1) & ~is_tile.unsqueeze(0) & (image.unsqueeze(1) == image.unsqueeze(0))
+    )
+    covered = ((inside > TILE_INSIDE_WHOLE) & pairs).any(1)
+    return ~covered
+
+
 class SSDLitePersonDetector:
     """The ``Detector`` of the pipeline: uint8 images -> per image (M, 5) [x, y, w, h, score] px.
 
@@ -184,6 +233,13 @@ class SSDLitePersonDetector:
         nms_iou: NMS IoU threshold (the graph's 0.6).
         max_persons: at most this many detections per image (the graph's 100).
         min_box_size: drop boxes whose width or height is below this many pixels.
+        tiles: 1 runs the network on the whole image only (the graph's recipe); n > 1 also runs
+            it on an n x n grid of overlapping tiles (``tile_windows``) and merges every view's
+            boxes by NMS, for people too small or too crowded for one 300x300 look. A tile's box
+            mostly inside a box of the whole look is dropped (a part of a person found already);
+            when the whole look finds no one, the whole image is a candidate too, with the score
+            ``score_threshold`` (people too close for the largest anchors): the pose model's own
+            person presence then says whether anyone is there.
         weights_sha256: sha256 of the original ``.pb`` file, for ``describe()``.
     """
 
@@ -197,9 +253,13 @@ class SSDLitePersonDetector:
         nms_iou: float = 0.6,
         max_persons: int = 100,
         min_box_size: float = 0.0,
+        tiles: int = 1,
         weights_sha256: str | None = None,
     ) -> None:
+        if tiles < 1:
+            raise ValueError(f"tiles must be >= 1, got {tiles}")
         self.net = net.eval()
+        self.tiles = int(tiles)
         self.score_threshold = float(score_threshold)
         self.nms_iou = float(nms_iou)
         self.max_persons = int(max_persons)
@@ -211,9 +271,74 @@ class SSDLitePersonDetector:
         """Where the network runs."""
         return self.net.anchors.device
 
+    def _views(
+        self, images: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """The images the network sees: each image, then its tiles when ``tiles`` > 1.
+
+        Returns:
+            the V views; None (no tiles) or (V, 4) [y0, x0, h, w] of each view in its image's
+            normalised units, which maps a view's normalised [ymin, xmin, ymax, xmax] box into
+            the image; (V,) the image of each view.
+        """
+        device = self.device
+        if self.tiles == 1:
+            return images, None, torch.arange(len(images), device=device)
+        views: list[torch.Tensor] = []
+        windows: list[list[float]] = []
+        owner: list[int] = []
+        for i, image in enumerate(images):
+            height, width = int(image.shape[-2]), int(image.shape[-1])
+            views.append(image)
+            windows.append([0.0, 0.0, 1.0, 1.0])
+            owner.append(i)
+            for x0, y0, x1, y1 in tile_windows(width, height, self.tiles):
+                views.append(image[..., y0:y1, x0:x1])
+                windows.append([y0 / height, x0 / width, (y1 - y0) / height, (x1 - x0) / width])
+                owner.append(i)
+        return (
+            views,
+            torch.tensor(windows, dtype=torch.float32, device=device),
+            torch.tensor(owner, device=device),
+        )
+
+    def _whole_when_unseen(
+        self,
+        xyxy: torch.Tensor,
+        scores: torch.Tensor,
+        image: torch.Tensor,
+        order: torch.Tensor,
+        is_tile: torch.Tensor,
+        count: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates plus a whole-image box for every image whose whole look kept no box.
+
+        Args:
+            xyxy: (C, 4) candidate boxes; scores, image, is_tile: (C,) per candidate.
+            order: (D,) the kept candidates, by descending score.
+            count: the number of images.
+
+        Returns:
+            xyxy, scores, image extended by the new boxes and ``order`` with them after the rest.
+        """
+        seen = torch.zeros(count, dtype=torch.bool, device=xyxy.device)
+        seen[image[order][~is_tile[order]]] = True
+        unseen = (~seen).nonzero().flatten()  # (U,)
+        if unseen.numel() == 0:
+            return xyxy, scores, image, order
+        whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=xyxy.device).expand(len(unseen), 4)
+        threshold = torch.full((len(unseen),), self.score_threshold, device=xyxy.device)
+        added = torch.arange(len(scores), len(scores) + len(unseen), device=xyxy.device)
+        return (
+            torch.cat((xyxy, whole)),
+            torch.cat((scores, threshold)),
+            torch.cat((image, unseen)),
+            torch.cat((order, added)),
+        )
+
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Detect persons in a batch of images (one network forward for all of them).
+        """Detect persons in a batch of images (one network forward for all views).
 
         Args:
             images: B tensors (3, H_i, W_i) uint8 RGB, on any device.
@@ -224,14 +349,26 @@ class SSDLitePersonDetector:
         """
         if not images:
             return []
-        boxes, scores = self.net(self.net.preprocess(images))  # (B, A, 4), (B, A)
-        image_index = torch.arange(len(images), device=boxes.device).view(-1, 1)
+        views, windows, owner = self._views(images)
+        boxes, scores = self.net(self.net.preprocess(views))  # (V, A, 4), (V, A)
+        if windows is not None:  # each view's boxes into its image's normalised units
+            size, origin = (
+                windows[:, None, 2:].repeat(1, 1, 2),
+                windows[:, None, :2].repeat(1, 1, 2),
+            )
+            boxes = boxes * size + origin
         keep = scores > self.score_threshold
         cand_boxes, cand_scores = boxes[keep], scores[keep]  # (C, 4), (C,)
-        cand_image = image_index.expand_as(scores)[keep]
+        cand_image = owner.view(-1, 1).expand_as(scores)[keep]
         # NMS per image on the unclipped normalised boxes, as the graph does ([x1, y1, x2, y2]).
         xyxy = cand_boxes[:, [1, 0, 3, 2]]
         order = torchvision.ops.batched_nms(xyxy, cand_scores, cand_image, self.nms_iou)
+        if windows is not None:
+            is_tile = (windows[:, 2:] < 1).any(-1).view(-1, 1).expand_as(scores)[keep]
+            order = order[new_persons(xyxy[order], cand_image[order], is_tile[order])]
+            xyxy, cand_scores, cand_image, order = self._whole_when_unseen(
+                xyxy, cand_scores, cand_image, order, is_tile, len(images)
+            )
         xyxy, kept_scores, kept_image = (
             xyxy[order].clamp(0.0, 1.0),
             cand_scores[order],

@@ -395,3 +395,45 @@ def test_a_model_without_sigmas_answers_none_never_zeros() -> None:
     (result,), _ = TopDownPipeline(pose).run([item])
     assert result.persons[0].sigmas is None
     assert TopDownPipeline(pose).describe().has_sigmas is False
+
+
+def test_dedup_and_min_person_score_drop_detector_persons_only() -> None:
+    """The reference recipe (``ModelSpec.dedup_oks``, ``min_person_score``): one person per body,
+    none where no keypoint scores above 0.2; caller boxes always come back, one per box."""
+    image = dot_image(200, 200, 100, 100)
+    boxes = torch.tensor(
+        [
+            [10.0, 10.0, 40.0, 40.0, 0.3],  # elsewhere: kept
+            [70.0, 60.0, 60.0, 80.0, 0.6],  # around the dot
+            [71.0, 61.0, 60.0, 80.0, 0.9],  # the same person, better score: OKS > 0.8
+            [150.0, 150.0, 30.0, 30.0, 0.0],  # box score 0: instance score 0, dropped
+        ]
+    )
+    pipe = TopDownPipeline(
+        BrightestPixelPose(), detector=FixedDetector([boxes]), dedup_oks=0.8, min_person_score=0.0
+    )
+    (found,), _ = pipe.run([PipelineItem(image=image, options=NO_FLIP)])
+    assert [p.bbox_score for p in found.persons] == pytest.approx([0.9, 0.3])
+    (given,), _ = pipe.run([PipelineItem(image=image, boxes=boxes, options=NO_FLIP)])
+    assert len(given.persons) == 4
+
+
+def test_keypoints_outside_the_image_score_zero_where_the_model_says_so() -> None:
+    """``PoseModelInfo.zero_out_of_frame``: a keypoint decoded outside the image scores 0."""
+    image = dot_image(60, 80, 30, 20)
+    box = torch.tensor([[-60.0, -40.0, 70.0, 60.0]])  # the crop's brightest pixel: (0, 0) corner
+    pose = BrightestPixelPose()
+    pose.predict = lambda crops: PoseOutput(  # type: ignore[method-assign]
+        coords=torch.tensor([[[0.1, 0.1], [0.9, 0.9]]]).expand(crops.shape[0], 2, 2),
+        scores=torch.ones(crops.shape[0], 2),
+    )
+    names = ("nose", "left_eye")
+    pose.info = dataclasses.replace(pose.info, keypoint_names=names, skeleton=())
+    item = PipelineItem(image=image, boxes=box, options=NO_FLIP)
+    (kept,), _ = TopDownPipeline(pose).run([item])
+    assert [kp[2] for kp in kept.persons[0].keypoints] == [1.0, 1.0]
+    pose.info = dataclasses.replace(pose.info, zero_out_of_frame=True)
+    (zeroed,), _ = TopDownPipeline(pose).run([item])
+    (x0, y0, s0), (x1, y1, s1) = zeroed.persons[0].keypoints
+    assert x0 < 0 and y0 < 0 and s0 == 0.0  # outside
+    assert 0 <= x1 < 80 and 0 <= y1 < 60 and s1 == 1.0  # inside

@@ -112,11 +112,14 @@ def test_blazepose_matches_litert(blazepose: BlazePose, recorded: dict[str, np.n
         want_refined = recorded[f"pose_{key}_refined"] * 256
         np.testing.assert_allclose(refined, want_refined, atol=XY_ATOL_PX, rtol=0)
         assert np.abs(want_refined - want[:, :2]).max() > 1.0  # refinement matters (px)
-        # COCO-17 view: refined points and sigmoid(visibility)
+        # COCO-17 view: refined points; scores = pose presence x sigmoid(visibility) x
+        # sigmoid(presence), each from LiteRT's outputs (the probability that the point is seen)
         index = list(BLAZEPOSE_TO_COCO)
         torch.testing.assert_close(pose.coords[i], full.landmarks[i, index])
-        vis = torch.sigmoid(torch.from_numpy(want[index, 3]))
-        torch.testing.assert_close(pose.scores[i], vis, atol=1e-4, rtol=0)
+        vis, pres = torch.sigmoid(torch.from_numpy(want[index, 3:5])).unbind(-1)
+        pose_presence = float(recorded[f"pose_{key}_presence"][0])
+        seen = pose_presence * vis * pres
+        torch.testing.assert_close(pose.scores[i], seen, atol=1e-4, rtol=0)
     assert pose.coords.shape == (2, 17, 2) and pose.sigmas is None
 
 

@@ -40,7 +40,15 @@ from model.convgraph import (
 )
 from model.crops import crop_to_image_affine, invert_affine
 from model.graphdef import convert_subgraph, parse_graphdef
-from model.ssdlite import SSDLite, SSDLitePersonDetector, anchor_corners, decode_boxes, ssd_anchors
+from model.ssdlite import (
+    SSDLite,
+    SSDLitePersonDetector,
+    anchor_corners,
+    decode_boxes,
+    new_persons,
+    ssd_anchors,
+    tile_windows,
+)
 from tests.reference_outputs.record import refine_scalar
 
 OUTPUTS = Path(__file__).parents[1] / "reference_outputs" / "outputs.npz"
@@ -426,6 +434,63 @@ def test_detector_post_processing() -> None:
     assert _detector(score_threshold=0.5, max_persons=1)(images)[0].shape == (1, 5)
     assert len(_detector(score_threshold=0.5, nms_iou=0.95)(images)[0]) == 3
     assert _detector()([]) == []
+
+
+def test_tile_windows_overlap_and_cover_the_image() -> None:
+    assert tile_windows(400, 200, 2) == [
+        (0, 0, 240, 120),
+        (160, 0, 400, 120),
+        (0, 80, 240, 200),
+        (160, 80, 400, 200),
+    ]
+    # a 1-px-high image: both rows of tiles are that one row
+    assert tile_windows(3, 1, 2) == [(0, 0, 2, 1), (1, 0, 3, 1), (0, 0, 2, 1), (1, 0, 3, 1)]
+
+
+def test_tiles_find_what_the_whole_look_misses() -> None:
+    """tiles=2: 5 views per image; each tile sees one person at its centre, the whole look none.
+    Tile boxes map back into the image, and the whole image is offered too (score = threshold)."""
+    anchors = ssd_anchors()
+    codes = torch.zeros(5, 1917, 4)
+    logits = torch.full((5, 1917), -20.0)
+    yc, xc, h, w = anchors[100]
+    target = torch.tensor([0.5, 0.5, 0.6, 0.3])  # [yc, xc, h, w] in the view
+    code = torch.stack(
+        (
+            (target[0] - yc) / h * 10,
+            (target[1] - xc) / w * 10,
+            torch.log(target[2] / h) * 5,
+            torch.log(target[3] / w) * 5,
+        )
+    )
+    codes[1:, 100] = code
+    logits[1:, 100] = 3.0
+    net = SSDLite(_FakeGraph(codes, logits))  # type: ignore[arg-type]
+    image = torch.zeros(3, 200, 400, dtype=torch.uint8)
+    (found,) = SSDLitePersonDetector(net, score_threshold=0.5, tiles=2)([image])
+    assert found.shape == (5, 5)
+    # tile 0 spans x 0..240, y 0..120: the box y 0.2..0.8, x 0.35..0.65 of it
+    torch.testing.assert_close(
+        found[0, :4], torch.tensor([84.0, 24.0, 72.0, 72.0]), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(found[-1], torch.tensor([0.0, 0.0, 400.0, 200.0, 0.5]))
+    with pytest.raises(ValueError, match="tiles"):
+        SSDLitePersonDetector(net, tiles=0)
+
+
+def test_a_tile_box_inside_a_whole_look_box_is_a_part_not_a_person() -> None:
+    xyxy = torch.tensor(
+        [
+            [0.0, 0.0, 1.0, 1.0],  # whole look, image 0
+            [0.1, 0.1, 0.4, 0.4],  # tile, inside it: dropped
+            [0.1, 0.1, 0.4, 0.4],  # tile, image 1 (no whole-look box there): kept
+            [0.5, 0.5, 0.8, 0.8],  # whole look, image 1
+            [0.6, 0.6, 1.0, 1.0],  # tile, image 1, half inside: kept
+        ]
+    )
+    image = torch.tensor([0, 0, 1, 1, 1])
+    is_tile = torch.tensor([False, True, True, False, True])
+    assert new_persons(xyxy, image, is_tile).tolist() == [True, False, True, True, True]
 
 
 # -------------------------------------------------------------------------- fetch and cache

@@ -1,21 +1,30 @@
-"""Issue 9's accuracy figures reached through the HTTP API, on the 12 annotated persons of the four
-COCO val2017 samples in the team's shared data folder.
+"""Issues 9 and 15: the reference pair's accuracy through the HTTP API, on the team's shared photos:
+the 12 annotated persons of four COCO val2017 samples, three OCHuman samples and three portraits.
 
-Only image 785 may be committed (tests/assets; see ``test_reference_http.py``); the other three
-are CC BY-NC(-ND/-SA), so this module reads all four, and their annotations, from the shared folder
-at test time: ``$DISTILPOSE_SHARED_DATA`` (not a ``POSE_*`` variable: the service's settings
-reject unknown ones), else ``<repo>/../shared/data``. Without that folder (a clone elsewhere, CI)
-the module is skipped; a ``DISTILPOSE_SHARED_DATA`` that is set but lacks the samples is an
-error. It is also skipped without the converted reference models (``pose-service models fetch``).
+Only image 785 may be committed (tests/assets; see ``test_reference_http.py``); the others are
+CC BY-NC(-ND/-SA) or research-only, so this module reads them, and their annotations, from the
+shared folder at test time: ``$DISTILPOSE_SHARED_DATA`` (not a ``POSE_*`` variable: the service's
+settings reject unknown ones), else ``<repo>/../shared/data``. Without that folder (a clone
+elsewhere, CI) the module is skipped; a ``DISTILPOSE_SHARED_DATA`` that is set but lacks the samples
+is an error. It is also skipped without the converted reference models (``pose-service models
+fetch``).
 
 The service runs as in ``test_reference_http.py``: a real uvicorn server on a localhost port, the
-real engine, ``build_pipeline`` with ``blazepose_full`` and ``ssdlite_person``, the service's
-default options (flip test on, padding 1.5, one pass, detector score threshold 0.3). Each image is
-posted to ``/v1/pose`` twice: as a JSON body with the ground-truth boxes as caller boxes, and as
-multipart with no boxes (the detector finds the persons). Accuracy is pycocotools' keypoint OKS:
-each annotated person's best OKS over the predictions of its image, averaged over the persons
-with ``num_keypoints > 0``. Issue 9 asks for mean OKS 0.70-0.76 with ground-truth boxes and
-0.50-0.60 with the detector's; measured through the pipeline with these defaults: 0.758 and 0.582.
+real engine, ``build_pipeline`` with ``blazepose_full`` and ``ssdlite_person`` and the catalogue's
+recipe for them (SSDLite on the whole image and 2 x 2 tiles, person de-duplication at OKS 0.8, no
+person where no keypoint scores above 0.2), the service's default options (flip test on, padding
+1.5, one pass, detector score threshold 0.3). Each COCO image is posted to ``/v1/pose`` twice: as a
+JSON body with the ground-truth boxes as caller boxes, and as multipart with no boxes (the detector
+finds the persons). Accuracy is pycocotools' keypoint OKS: each annotated person's best OKS over the
+predictions of its image, averaged over the persons with ``num_keypoints > 0``.
+
+Measured with these defaults (torch backend): mean OKS 0.758 with ground-truth boxes, 0.747 with
+the detector's (0.582 before issue 15's tiles). Issue 15's targets: >= 0.65 with the detector
+(met), >= 0.77 with ground-truth boxes (not met: ``xfail``), every annotated person of COCO 197388
+and OCHuman 003896 found (met), no two answered persons of one image with OKS > 0.8 (met), hips on
+the Grace Hopper and astronaut portraits scoring < 0.3 (not met: ``xfail``; the landmark model puts
+hips inside an upper-body crop with high visibility and presence, and only a body-centred crop such
+as MediaPipe's pose detector gives would move them out of the picture).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.model.test_reference import coco_oks
 from tests.service.rest_support import LiveServer
 from tests.service.test_reference_http import reference_service
 
@@ -41,11 +51,19 @@ DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "d
 SAMPLES = "coco_val2017_samples"
 ANNOTATIONS = "test_coco.json"
 ANNOTATED_PERSONS = 12
-# Issue 9's bars are 0.70 (GT boxes) and 0.50 (detector); these sit just under the measured
-# defaults (0.758 and 0.582) so a regression of a few points fails, with room for other CPUs,
-# torch versions and JPEG decoders.
+# Issue 9's bar with GT boxes is 0.70; this sits just under the measured 0.758 so a regression of a
+# few points fails, with room for other CPUs, torch versions and JPEG decoders. Issue 15's target
+# (0.77) is asserted by an xfail test. With the detector, issue 15's 0.65 (measured 0.747).
 MEAN_OKS_WITH_GT_BOXES = 0.74
-MEAN_OKS_WITH_DETECTOR = 0.55
+ISSUE_15_MEAN_OKS_WITH_GT_BOXES = 0.77
+MEAN_OKS_WITH_DETECTOR = 0.65
+FOUND_OKS = 0.3  # an annotated person is found when some answered person has OKS above this
+DUPLICATE_OKS = 0.8  # no two answered persons of one image are this alike
+ABSENT_SCORE = 0.3  # a keypoint outside the picture (the portraits' hips) scores below this
+OCHUMAN = "ochuman_samples"
+OCHUMAN_ANNOTATIONS = "test_ochuman.json"
+PORTRAITS = ("matplotlib_grace_hopper.jpg", "skimage_astronaut.png", "skimage_camera.png")
+HIPS = (11, 12)  # COCO left_hip, right_hip
 
 
 def shared_samples_dir() -> Path | None:
@@ -146,13 +164,13 @@ def image_bytes(samples: Path, coco: Any, image_id: int) -> bytes:
 
 def report(what: str, oks: float, ap: float, n: int, counts: list[int], seconds: float) -> None:
     print(
-        f"\n[issue 9 OKS over HTTP] {what}: mean OKS {oks:.4f} over {n} persons, "
+        f"\n[issues 9, 15 OKS over HTTP] {what}: mean OKS {oks:.4f} over {n} persons, "
         f"keypoint AP {ap:.4f}, persons per image {counts}, 4 requests in {seconds:.1f} s"
     )
 
 
-def test_mean_oks_with_ground_truth_boxes(http: httpx.Client, samples: Path, coco: Any) -> None:
-    """JSON bodies (base64 image) with the annotated persons' boxes as caller boxes."""
+def gt_box_answers(http: httpx.Client, samples: Path, coco: Any) -> dict[int, list[dict]]:
+    """Each COCO sample posted as a JSON body with its annotated persons' boxes."""
     persons: dict[int, list[dict]] = {}
     started = time.perf_counter()
     for image_id in coco.getImgIds():
@@ -168,23 +186,168 @@ def test_mean_oks_with_ground_truth_boxes(http: httpx.Client, samples: Path, coc
     oks, ap, n = mean_best_oks(coco, persons)
     report("ground-truth boxes", oks, ap, n, [len(p) for p in persons.values()], seconds)
     assert n == ANNOTATED_PERSONS
-    assert oks >= MEAN_OKS_WITH_GT_BOXES
+    return persons
 
 
-def test_mean_oks_with_the_detector(http: httpx.Client, samples: Path, coco: Any) -> None:
-    """Multipart uploads with no boxes: ssdlite_person finds the persons."""
+@pytest.fixture(scope="module")
+def gt_answers(http: httpx.Client, samples: Path, coco: Any) -> dict[int, list[dict]]:
+    return gt_box_answers(http, samples, coco)
+
+
+def test_mean_oks_with_ground_truth_boxes(coco: Any, gt_answers: dict[int, list[dict]]) -> None:
+    """JSON bodies (base64 image) with the annotated persons' boxes as caller boxes."""
+    assert mean_best_oks(coco, gt_answers)[0] >= MEAN_OKS_WITH_GT_BOXES
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15's target with ground-truth boxes is 0.77; measured 0.758 (BlazePose's crop "
+    "at padding 1.5; the rotated second pass measured 0.757 and was left out)",
+)
+def test_issue_15_mean_oks_with_ground_truth_boxes(
+    coco: Any, gt_answers: dict[int, list[dict]]
+) -> None:
+    assert mean_best_oks(coco, gt_answers)[0] >= ISSUE_15_MEAN_OKS_WITH_GT_BOXES
+
+
+def detect(http: httpx.Client, path: Path, size: tuple[int, int] | None = None) -> list[dict]:
+    """The persons ``/v1/pose`` answers for a multipart upload of ``path`` with no boxes."""
+    kind = "image/png" if path.suffix == ".png" else "image/jpeg"
+    answer = http.post("/v1/pose", files={"image": (path.name, path.read_bytes(), kind)})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    if size is not None:
+        assert body["image"] == {"width": size[0], "height": size[1]}
+    return list(body["persons"])
+
+
+@pytest.fixture(scope="module")
+def detector_answers(http: httpx.Client, samples: Path, coco: Any) -> dict[int, list[dict]]:
+    """Each COCO sample posted as multipart with no boxes: ssdlite_person finds the persons."""
     persons: dict[int, list[dict]] = {}
     started = time.perf_counter()
     for image_id in coco.getImgIds():
         info = coco.loadImgs(image_id)[0]
-        upload = {"image": (info["file_name"], image_bytes(samples, coco, image_id), "image/jpeg")}
-        answer = http.post("/v1/pose", files=upload)
-        assert answer.status_code == 200, answer.text
-        body = answer.json()
-        assert body["image"] == {"width": info["width"], "height": info["height"]}
-        persons[image_id] = body["persons"]
+        size = (info["width"], info["height"])
+        persons[image_id] = detect(http, samples / info["file_name"], size)
     seconds = time.perf_counter() - started
     oks, ap, n = mean_best_oks(coco, persons)
     report("ssdlite_person boxes", oks, ap, n, [len(p) for p in persons.values()], seconds)
+    return persons
+
+
+def test_mean_oks_with_the_detector(coco: Any, detector_answers: dict[int, list[dict]]) -> None:
+    oks, _, n = mean_best_oks(coco, detector_answers)
     assert n == ANNOTATED_PERSONS
     assert oks >= MEAN_OKS_WITH_DETECTOR
+
+
+@pytest.fixture(scope="module")
+def ochuman(samples: Path) -> tuple[Path, Any]:
+    """The OCHuman samples' folder and pycocotools index (skips where they are absent)."""
+    from pycocotools.coco import COCO
+
+    folder = samples.parent / OCHUMAN
+    if not (folder / OCHUMAN_ANNOTATIONS).is_file():
+        pytest.skip(f"no {OCHUMAN}/{OCHUMAN_ANNOTATIONS} beside {samples}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return folder, COCO(str(folder / OCHUMAN_ANNOTATIONS))
+
+
+@pytest.fixture(scope="module")
+def ochuman_answers(http: httpx.Client, ochuman: tuple[Path, Any]) -> dict[int, list[dict]]:
+    folder, index = ochuman
+    return {
+        image_id: detect(http, folder / index.loadImgs(image_id)[0]["file_name"])
+        for image_id in index.getImgIds()
+    }
+
+
+def best_oks(annotation: dict, persons: list[dict]) -> float:
+    """The annotated person's best OKS over the answered persons (0 when none)."""
+    return max((coco_oks(p["keypoints"], annotation) for p in persons), default=0.0)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "file_name"), [("coco", "000000197388.jpg"), ("ochuman", "003896.jpg")]
+)
+def test_every_annotated_person_is_found(
+    dataset: str,
+    file_name: str,
+    coco: Any,
+    detector_answers: dict[int, list[dict]],
+    ochuman: tuple[Path, Any],
+    ochuman_answers: dict[int, list[dict]],
+) -> None:
+    """Issue 15: COCO 197388's three central skiers and OCHuman 003896's pair were missed."""
+    index, answers = (
+        (coco, detector_answers) if dataset == "coco" else (ochuman[1], ochuman_answers)
+    )
+    (image_id,) = [i for i in index.getImgIds() if index.loadImgs(i)[0]["file_name"] == file_name]
+    found = [best_oks(a, answers[image_id]) for a in annotated(index, image_id)]
+    print(f"\n[issue 15] {file_name}: best OKS per annotated person {np.round(found, 3).tolist()}")
+    assert min(found) > FOUND_OKS, found
+
+
+def pair_oks(first: dict, second: dict) -> float:
+    """COCO OKS of two answered persons, each taken in turn as the annotation (its box's area)."""
+
+    def as_annotation(person: dict) -> dict:
+        x, y, w, h = person["bbox"]
+        points = [[px, py, 2] for px, py, _ in person["keypoints"]]
+        return {
+            "keypoints": np.ravel(points).tolist(),
+            "num_keypoints": 17,
+            "area": w * h,
+            "bbox": [x, y, w, h],
+            "iscrowd": 0,
+            "category_id": 1,
+        }
+
+    return max(
+        coco_oks(second["keypoints"], as_annotation(first)),
+        coco_oks(first["keypoints"], as_annotation(second)),
+    )
+
+
+def test_no_person_is_answered_twice(
+    http: httpx.Client,
+    samples: Path,
+    detector_answers: dict[int, list[dict]],
+    ochuman_answers: dict[int, list[dict]],
+) -> None:
+    """Issue 15: OCHuman 003799 had two skeletons on one player (a duplicate box)."""
+    answers = list(detector_answers.values()) + list(ochuman_answers.values())
+    answers += [detect(http, samples.parent / name) for name in PORTRAITS]
+    worst = max(
+        (
+            pair_oks(a, b)
+            for persons in answers
+            for i, a in enumerate(persons)
+            for b in persons[i + 1 :]
+        ),
+        default=0.0,
+    )
+    print(f"\n[issue 15] largest OKS between two answered persons of one image: {worst:.3f}")
+    assert worst <= DUPLICATE_OKS
+
+
+def test_portraits_answer_one_person(http: httpx.Client, samples: Path) -> None:
+    """One person each (the tiles alone answer 1, 3 and 2: a tile's box around a shoulder or a
+    tripod is dropped because BlazePose scores no keypoint above 0.2 there)."""
+    counts = [len(detect(http, samples.parent / name)) for name in PORTRAITS]
+    assert counts == [1, 1, 1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15's target: hips outside the picture score < 0.3; measured 0.92-0.98 (BlazePose "
+    "draws hips inside an upper-body crop with high visibility and presence; needs a body-centred "
+    "crop, e.g. MediaPipe's pose detector, whose conversion needs a depth_to_space graph op)",
+)
+@pytest.mark.parametrize("name", PORTRAITS[:2])
+def test_hips_outside_the_picture_score_low(http: httpx.Client, samples: Path, name: str) -> None:
+    persons = detect(http, samples.parent / name)
+    assert persons
+    hips = [persons[0]["keypoints"][k][2] for k in HIPS]
+    assert max(hips) < ABSENT_SCORE, hips
