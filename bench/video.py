@@ -14,11 +14,18 @@ Measured:
 - **detector share**: frames the detector ran on / frames;
 - **keypoint drift**: mean distance (px, frame pixels) between the keypoints (both scored above
   0.2) of the same ground-truth person with ``detect_every`` N and with 1;
+- what bounds the drift: the **jitter** of each run (mean distance between a ground-truth person's
+  keypoints in consecutive frames once the clip's known motion is taken out: a still photo under
+  a moving window, so a perfect model would show 0), the drift of a **floor** run whose boxes are
+  the previous frame's detector boxes carried by the exact known motion (the best any tracker that
+  skips the detector could send), and the **error** of each run against the COCO keypoint
+  annotation mapped into the frame;
 - **speed**: frames/s of S concurrent streams, each with ``--window`` frames in flight, and the
   per-frame latency (submit to answer) p50/p99.
 
     .venv/bin/python -m bench.video                                      # CPU, defaults
     .venv/bin/python -m bench.video --streams 1 4 --frames 90 --detect-every 1 10
+    .venv/bin/python -m bench.video --clips pan                          # the pan figures only
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ SHARED_SAMPLES = REPO_ROOT.parent / "shared" / "data" / "coco_val2017_samples"
 PAN_PHOTO = SHARED_SAMPLES / "000000196141.jpg"
 PAN_FALLBACK = REPO_ROOT / "tests" / "assets" / "000000000785.jpg"
 SLIDESHOW_PHOTOS = ("000000000785.jpg", "000000040083.jpg", "000000196141.jpg", "000000197388.jpg")
+CLIPS = ("pan", "slideshow", "speed")
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,24 @@ def ground_truth(photo: Path) -> list[tuple[float, float, float, float]]:
     raise FileNotFoundError(f"no COCO annotations for {photo}")
 
 
+def truth_keypoints(photo: Path) -> list[np.ndarray]:
+    """The COCO keypoints, (17, 3) x, y, v in photo pixels, of the persons ``ground_truth`` lists
+    (same order)."""
+    image_id = int(photo.stem)
+    for path in (SHARED_SAMPLES / "test_coco.json", photo.parent / f"coco_{photo.stem}.json"):
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        found = [
+            np.asarray(a["keypoints"], dtype=np.float64).reshape(-1, 3)
+            for a in data["annotations"]
+            if a["image_id"] == image_id and a.get("num_keypoints", 1) > 0
+        ]
+        if found:
+            return found
+    raise FileNotFoundError(f"no COCO annotations for {photo}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a clip and scoring it
 
@@ -194,7 +220,8 @@ async def track_clip(
     engine: Any, settings: Any, frames: Sequence[np.ndarray], options: Any, *, window: int = 4
 ) -> ClipRun:
     """Send ``frames`` through a ``Tracker`` over ``engine`` as one stream with ``window`` frames
-    in flight (the gRPC ``StreamEstimate`` way)."""
+    in flight (the gRPC ``StreamEstimate`` way), flip test as ``settings`` says."""
+    from model.interfaces import PoseOptions
     from service.engine import PoseRequest
     from service.tracking import start_tracker
 
@@ -206,7 +233,11 @@ async def track_clip(
     submitted = 0
     while submitted < len(tensors) or pending:
         while submitted < len(tensors) and len(pending) < window:
-            request = PoseRequest(tensors[submitted], source=f"clip:{id(tracker)}")
+            request = PoseRequest(
+                tensors[submitted],
+                options=PoseOptions(flip_test=settings.flip_test),
+                source=f"clip:{id(tracker)}",
+            )
             pending.append((time.monotonic(), tracker.submit(request)))
             submitted += 1
         sent, task = pending.pop(0)
@@ -279,6 +310,90 @@ def keypoint_drift(
     return float(np.mean(distances)) if distances else float("nan")
 
 
+def _to_frame(points: np.ndarray, window: Window) -> np.ndarray:
+    """(..., 2) photo pixels -> frame pixels of ``window``."""
+    return (points - [window.x, window.y]) / window.scale
+
+
+def jitter(run: ClipRun, windows: Sequence[Window], truth: Sequence[Sequence[float]]) -> float:
+    """Mean distance (frame px) between a ground-truth person's keypoints (scored above 0.2 in
+    both) in consecutive frames, after moving the earlier ones by the clip's known motion."""
+    distances: list[float] = []
+    matched = assign_truth(run, windows, truth)
+    for t in range(1, len(run.persons)):
+        for gt in matched[t].keys() & matched[t - 1].keys():
+            now, before = (
+                run.persons[t][matched[t][gt]][2],
+                run.persons[t - 1][matched[t - 1][gt]][2],
+            )
+            earlier = windows[t - 1]
+            moved = _to_frame(before[:, :2] * earlier.scale + [earlier.x, earlier.y], windows[t])
+            good = (now[:, 2] > 0.2) & (before[:, 2] > 0.2)
+            distances.extend(np.hypot(*(now[good, :2] - moved[good]).T).tolist())
+    return float(np.mean(distances)) if distances else float("nan")
+
+
+def truth_error(
+    run: ClipRun,
+    windows: Sequence[Window],
+    truth: Sequence[Sequence[float]],
+    keypoints: Sequence[np.ndarray],
+    size: tuple[int, int],
+) -> float:
+    """Mean distance (frame px) between answered keypoints (scored above 0.2) and the COCO
+    annotation (labelled, inside the (width, height) frame) of the same ground-truth person."""
+    distances: list[float] = []
+    for persons, window, matched in zip(
+        run.persons, windows, assign_truth(run, windows, truth), strict=True
+    ):
+        for gt, index in matched.items():
+            answered, true = persons[index][2], _to_frame(keypoints[gt][:, :2], window)
+            inside = (true >= 0).all(1) & (true < size).all(1)
+            good = (answered[:, 2] > 0.2) & (keypoints[gt][:, 2] > 0) & inside
+            distances.extend(np.hypot(*(answered[good, :2] - true[good]).T).tolist())
+    return float(np.mean(distances)) if distances else float("nan")
+
+
+async def carried_detector_boxes(
+    engine: Any,
+    settings: Any,
+    frames: Sequence[np.ndarray],
+    windows: Sequence[Window],
+    reference: ClipRun,
+) -> ClipRun:
+    """The floor of the drift: each frame run on the previous frame's detector boxes (from
+    ``reference``, the every-frame run) carried by the clip's exact motion and clipped to the
+    frame, as caller boxes: what a tracker with perfect motion and the detector's own boxes of
+    one frame before would send."""
+    from model.interfaces import PoseOptions
+    from service.engine import PoseRequest
+
+    persons = [reference.persons[0]]
+    height, width = frames[0].shape[:2]
+    for t in range(1, len(frames)):
+        boxes = []
+        for _, (x, y, w, h), _ in reference.persons[t - 1]:
+            corners = np.array([[x, y], [x + w, y + h]])
+            before = windows[t - 1]
+            moved = _to_frame(corners * before.scale + [before.x, before.y], windows[t])
+            (x1, y1), (x2, y2) = np.clip(moved, 0, [width, height])
+            if x2 - x1 >= 2 and y2 - y1 >= 2:
+                boxes.append([x1, y1, x2 - x1, y2 - y1, 1.0])
+        image = torch.from_numpy(np.array(frames[t])).permute(2, 0, 1)
+        response = await engine.infer(
+            PoseRequest(
+                image, boxes=boxes or None, options=PoseOptions(flip_test=settings.flip_test)
+            )
+        )
+        persons.append(
+            [
+                (i, p.bbox, np.asarray(p.keypoints, dtype=np.float64))
+                for i, p in enumerate(response.result.persons)
+            ]
+        )
+    return ClipRun(persons, [False] * len(frames), [], 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
@@ -296,6 +411,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--flip", choices=("on", "off"), default="off")
     parser.add_argument("--slideshow-frames", type=int, default=15, help="frames per photo")
+    parser.add_argument(
+        "--clips",
+        nargs="+",
+        choices=CLIPS,
+        default=list(CLIPS),
+        help="what to run: the pan clip's figures, the slideshow MP4's, the speed table",
+    )
     return parser.parse_args(argv)
 
 
@@ -307,7 +429,6 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
     size = tuple(int(v) for v in args.size.lower().split("x"))
     photo_path = args.photo or (PAN_PHOTO if PAN_PHOTO.exists() else PAN_FALLBACK)
-    truth = ground_truth(photo_path)
     frames, windows = pan_zoom_clip(load_photo(photo_path), args.frames, size)  # type: ignore[arg-type]
     settings = Settings(flip_test=args.flip == "on")
 
@@ -327,29 +448,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     await engine.start()
     rows: list[dict[str, Any]] = []
     try:
-        runs: dict[int, ClipRun] = {}
-        for every in args.detect_every:
-            run = await track_clip(
-                engine, settings, frames, TrackOptions(detect_every=every), window=args.window
-            )
-            runs[every] = run
-        reference = runs.get(1) or next(iter(runs.values()))
-        for every, run in runs.items():
-            rows.append(
-                {
-                    "clip": f"pan {photo_path.name}",
-                    "detect_every": every,
-                    "frames": len(frames),
-                    "id_switches": id_switches(run, windows, truth),
-                    "detector_share": sum(run.detector_ran) / len(frames),
-                    "drift_px_vs_every_frame": _finite(
-                        keypoint_drift(run, reference, windows, truth)
-                    ),
-                    "persons_per_frame": float(np.mean([len(p) for p in run.persons])),
-                }
-            )
+        if "pan" in args.clips:
+            rows.extend(await _pan_rows(engine, settings, args, photo_path, frames, windows))
         slideshow = [p for p in (SHARED_SAMPLES / n for n in SLIDESHOW_PHOTOS) if p.exists()]
-        if slideshow:
+        if slideshow and "slideshow" in args.clips:
             clip, which = slideshow_clip([load_photo(p) for p in slideshow], args.slideshow_frames)
             decoded = decode_video(encode_mp4(clip, Path("/tmp") / "bench_video_slideshow.mp4"))
             for every in args.detect_every:
@@ -376,7 +478,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                         ),
                     }
                 )
-        for streams in args.streams:
+        for streams in args.streams if "speed" in args.clips else []:
             for every in args.detect_every:
                 t0 = time.monotonic()
                 done = await asyncio.gather(
@@ -408,6 +510,52 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.stop(0)
     return {"rows": rows, "settings": vars(args) | {"photo": str(photo_path)}}
+
+
+async def _pan_rows(
+    engine: Any,
+    settings: Any,
+    args: argparse.Namespace,
+    photo: Path,
+    frames: Sequence[np.ndarray],
+    windows: Sequence[Window],
+) -> list[dict[str, Any]]:
+    """The pan clip's rows: one per ``detect_every``, and the floor of the drift."""
+    from service.tracking import TrackOptions
+
+    truth, keypoints = ground_truth(photo), truth_keypoints(photo)
+    height, width = frames[0].shape[:2]
+    runs: dict[int, ClipRun] = {}
+    for every in args.detect_every:
+        options = TrackOptions(detect_every=every)
+        runs[every] = await track_clip(engine, settings, frames, options, window=args.window)
+    reference = runs.get(1) or next(iter(runs.values()))
+    runs_named: list[tuple[str, int | None, ClipRun]] = [
+        (f"pan {photo.name}", every, run) for every, run in runs.items()
+    ]
+    if 1 in runs:
+        floor = await carried_detector_boxes(engine, settings, frames, windows, reference)
+        runs_named.append(
+            (f"pan {photo.name}, floor: last frame's detector boxes moved", None, floor)
+        )
+    rows = []
+    for name, every, run in runs_named:
+        rows.append(
+            {
+                "clip": name,
+                "detect_every": every,
+                "frames": len(frames),
+                "id_switches": id_switches(run, windows, truth) if every else None,
+                "detector_share": sum(run.detector_ran) / len(frames),
+                "drift_px_vs_every_frame": _finite(keypoint_drift(run, reference, windows, truth)),
+                "jitter_px": _finite(jitter(run, windows, truth)),
+                "error_px_vs_coco": _finite(
+                    truth_error(run, windows, truth, keypoints, (width, height))
+                ),
+                "persons_per_frame": float(np.mean([len(p) for p in run.persons])),
+            }
+        )
+    return rows
 
 
 def _finite(value: float) -> float | None:

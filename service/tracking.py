@@ -12,20 +12,28 @@ What it does, and from whom the idea comes:
   the stream's live tracks by the best one-to-one assignment (scipy's ``linear_sum_assignment``)
   over the larger of the keypoints' OKS (COCO sigmas; the track's keypoints moved on by its
   velocity) and the boxes' IoU. A track whose last tracked pose broke from its motion altogether
-  (OKS below 0.2: a cut) keeps its last good pose and matches by OKS alone: at a cut another
+  (agreement below 0.2: a cut) keeps its last good pose and matches by OKS alone: at a cut another
   person may stand in the same box, not in the same pose. A pair below ``match_threshold`` is no
   match. An unmatched person gets a new id (ids count up from 1 and are never reused within a
   stream); a track unseen for more than ``max_unseen_frames`` frames is retired.
 - **Detector skipping** (rtmlib's ``PoseTracker``, MediaPipe's tracking region): with
-  ``detect_every`` N > 1 the boxes of frame t come from frame t-1's keypoints: their hull, moved on
-  by the track's velocity (a pan moves everyone) and given the margins the detector's box last had
-  around that hull (else padded by ``box_padding``), its size changing by at most 15 % a frame.
-  The detector runs on every N-th frame, and on the next frame whenever a tracked person scores
-  below ``min_track_score`` (lost: left out), lands where its motion did not predict (OKS below
-  ``min_track_oks``: a cut, an occlusion) or two tracks collapse onto one person. Such a frame needs
-  the previous frame's answer, so a stream with N > 1 runs its frames one at a time (and marks
-  them ``eager``: the batcher does not hold them waiting for a batch); with N <= 1 frames run
-  concurrently and only the matching is done in frame order.
+  ``detect_every`` N > 1 the box of a person in frame t is the detector's last box of it (over
+  the whole person: a side on the image's edge reaches over the joints placed beyond it) carried
+  by the scale and shift that take the keypoints found in that box onto frame t-1's, moved on one
+  frame at the track's velocity and growth, and clipped to the image as the detector's boxes are
+  (``Tracker._box_around``). The motion is measured from the detector's frame, never frame to
+  frame (keypoints lean towards the box they were found in; frame-to-frame motion feeds a box's
+  error into the next), over joints inside the image only (a pose model guesses those outside),
+  and is the motion all tracks share (a pan, a zoom) unless a track's own differs from it by more
+  than its noise (``Tracker._motions``). The detector runs on every N-th frame, and on the next
+  frame whenever a tracked person scores below ``min_track_score`` (lost: left out), lands where
+  its motion did not predict (median OKS term of its joints in view below ``min_track_oks``: a
+  cut, an occlusion) or two tracks collapse onto one person; not for a person leaving the view
+  across an image edge (nothing there to find) nor, unless its pose broke, on the first frame
+  after the detector found it (a fresh look finds the same box: a poor pose there is the pose
+  model's limit). Such a frame needs the previous frame's answer, so a stream with N > 1 runs its
+  frames one at a time (and marks them ``eager``: the batcher does not hold them waiting for a
+  batch); with N <= 1 frames run concurrently and only the matching is done in frame order.
 - **Smoothing** (MediaPipe Pose, Casiez et al. "1 Euro Filter", CHI 2012): a One Euro filter per
   keypoint coordinate per track, timed by the frame's ``timestamp_ms`` when given, else by its
   index over ``fps``. The filter's output is what is answered; tracking and matching use the raw
@@ -40,15 +48,28 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.interfaces import ImageResult, Person
-from service.engine import Engine, PoseRequest, PoseResponse
+from service.engine_api import EngineHandle, PoseRequest, PoseResponse
 from service.errors import InvalidRequestError, NotReadyError
-from service.track_math import KEYPOINT_MIN_SCORE, OneEuroFilter, iou, match, oks, similarity
+from service.track_math import (
+    KEYPOINT_MIN_SCORE,
+    OneEuroFilter,
+    ScaleShift,
+    Track,
+    fit_scale_shift,
+    in_view,
+    iou,
+    joints_in_both,
+    match,
+    oks,
+    pose_agreement,
+    similarity,
+)
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -71,14 +92,22 @@ __all__ = [
 MAX_DETECT_EVERY = 1000
 # Two persons of one tracked frame this alike (OKS) are one person: the official OKS-NMS threshold.
 DUPLICATE_OKS = 0.9
-# Weight of the newest displacement in a track's velocity.
-_VELOCITY_NEW = 0.7
 # A tracked pose agreeing less than this (OKS) with its prediction is another pose altogether (a
 # cut): its track keeps the pose before and matches by pose alone.
 _BROKEN_OKS = 0.2
 # Most a tracked box's width or height may change from one frame to the next (x or /): a box
 # feeds the keypoints that make the next box, so an unbounded loop could grow or shrink it away.
 _MAX_SIZE_STEP = 1.15
+# A track follows its own keypoints' motion rather than the one all tracks share when the two
+# move its anchor box's corners apart by more than this many standard errors of its own fit, and
+# by more than this share of the box's size: a pose model's keypoints lean towards the box they
+# were found in (most on a person it places poorly), a bias no fit error shows.
+_OWN_MOTION_SIGMAS = 3.0
+_OWN_MOTION_SHARE = 0.05
+# A tracked person with less of its whole box (``whole_box``, carried on) in view than this,
+# moving out, is leaving the view: a poor pose then means it left, and the detector has nothing
+# to find.
+_LEAVING_IN_VIEW = 0.9
 
 
 @dataclass(frozen=True)
@@ -143,9 +172,9 @@ class TrackerConfig:
         min_track_score: A person on tracked boxes scoring below this (mean of its keypoint
             scores above 0.2) is lost: left out, and the detector runs on the next frame.
         match_threshold: Least similarity (max of OKS and IoU) of a track and a person to match.
-        min_track_oks: A person on tracked boxes whose keypoints agree less than this (OKS)
-            with where the track's motion put them is kept, and the detector runs next frame.
-        box_padding: A tracked box is the keypoints' hull scaled by this about its centre.
+        min_track_oks: A person on tracked boxes whose keypoints agree less than this (the
+            median of their OKS terms, joints in view) with where the track's motion put them is
+            kept, and the detector runs next frame.
         min_box_size_px: A tracked box smaller than this (after clipping to the image) is lost.
     """
 
@@ -153,7 +182,6 @@ class TrackerConfig:
     min_track_score: float = 0.3
     match_threshold: float = 0.3
     min_track_oks: float = 0.5
-    box_padding: float = 1.25
     min_box_size_px: float = 2.0
 
     @classmethod
@@ -177,57 +205,6 @@ class TrackedFrame:
     response: PoseResponse
     track_ids: list[int]
     detector_ran: bool
-
-
-@dataclass
-class _Track:
-    id: int
-    keypoints: np.ndarray  # (K, 3) raw x, y, score of its last sighting
-    box: tuple[float, float, float, float]  # x, y, w, h of its last sighting
-    box_score: float  # of the last detector (or caller) box it was matched to
-    unseen: int = 0  # frames since its last sighting
-    smoother: OneEuroFilter | None = None
-    velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))  # px per frame, (2,)
-    # Where the last detector (or caller) box lay around the keypoints' hull: left, top, right
-    # and bottom margins in hull widths and heights, (4,); tracked boxes keep them.
-    margins: np.ndarray | None = None
-    broken: bool = False  # its last tracked pose broke from its motion (kept the one before)
-    sightings: int = 0  # its velocity is known from the second on
-
-    def predicted(self, frames: int = 1) -> np.ndarray:
-        """(K, 3) keypoints moved on ``frames`` frames at the track's velocity."""
-        moved = self.keypoints.copy()
-        moved[:, :2] += self.velocity * frames
-        return moved
-
-    def sighted(
-        self, keypoints: np.ndarray, box: tuple[float, float, float, float], *, boxed: bool
-    ) -> None:
-        """Take a new sighting, ``unseen + 1`` frames after the last; update the velocity from
-        the keypoints scored above 0.2 in both (constant velocity: a pan moves every person),
-        and, when ``box`` is the detector's or the caller's (``boxed``), the box margins."""
-        hull = _hull_of(keypoints)
-        if boxed and hull is not None:
-            (x1, y1, x2, y2), (bx, by, bw, bh) = hull, box
-            w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
-            self.margins = np.array(
-                [(x1 - bx) / w, (y1 - by) / h, (bx + bw - x2) / w, (by + bh - y2) / h]
-            )
-        both = (keypoints[:, 2] > KEYPOINT_MIN_SCORE) & (self.keypoints[:, 2] > KEYPOINT_MIN_SCORE)
-        if both.any():
-            shift = (keypoints[both, :2] - self.keypoints[both, :2]).mean(0) / (self.unseen + 1)
-            self.velocity = _VELOCITY_NEW * shift + (1 - _VELOCITY_NEW) * self.velocity
-        self.keypoints, self.box = keypoints, box
-        self.sightings += 1
-
-
-def _hull_of(keypoints: np.ndarray) -> tuple[float, float, float, float] | None:
-    """(x1, y1, x2, y2) around the keypoints scored above 0.2; None when fewer than two are."""
-    good = keypoints[keypoints[:, 2] > KEYPOINT_MIN_SCORE, :2]
-    if len(good) < 2:
-        return None
-    (x1, y1), (x2, y2) = good.min(0), good.max(0)
-    return float(x1), float(y1), float(x2), float(y2)
 
 
 def _keypoints(person: Person) -> np.ndarray:
@@ -268,7 +245,7 @@ class Tracker:
         self.options = options
         self.config = config
         self._has_detector = has_detector
-        self._tracks: list[_Track] = []
+        self._tracks: list[Track] = []
         self._next_id = 1
         self._frames = 0  # frames submitted
         self._since_detect = 0  # tracked frames since the detector last ran
@@ -345,47 +322,84 @@ class Tracker:
             return None
         boxes = []
         for track in live:
-            box = self._box_around(track.predicted(), track)
+            box = self._box_around(track)
             boxes.append([*box, min(1.0, max(0.0, track.box_score))])
         return boxes
 
-    def _box_around(
-        self, keypoints: np.ndarray, track: _Track
-    ) -> tuple[float, float, float, float]:
-        """The box around the keypoints' hull, with the margins the detector's box last had (else
-        the hull scaled by ``box_padding``), clipped to the last frame; the track's last box when
-        fewer than two keypoints score above 0.2."""
-        assert self._size is not None
+    def _box_around(self, track: Track) -> tuple[float, float, float, float]:
+        """Track ``track``'s box in the next frame.
+
+        Its anchor box (the detector's, over the whole person: ``whole_box``) carried by its
+        motion since (``_motions``), so that the box keeps the detector's own margins around the
+        person and follows the body rather than the hull of joints that jitter from frame to
+        frame; then moved on one frame at the track's velocity and growth, and clipped to the
+        image as the detector's boxes are. A track whose whole box is then less than
+        ``_LEAVING_IN_VIEW`` in view, moving out across the edge that cuts it, is ``leaving``.
+        """
+        assert self._size is not None and track.anchor is not None
         width, height = self._size
-        hull = _hull_of(keypoints)
-        if hull is None:
+        if track.motion is None:  # no joint in view in both: carry the last box
             x, y, w, h = track.box
-            x1, y1, x2, y2 = x, y, x + w, y + h
-        elif track.margins is not None:
-            x1, y1, x2, y2 = hull
-            w, h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
-            left, top, right, bottom = track.margins.tolist()
-            x1, y1, x2, y2 = x1 - left * w, y1 - top * h, x2 + right * w, y2 + bottom * h
+            corners = np.array([x, y, x + w, y + h])
         else:
-            x1, y1, x2, y2 = hull
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            half_w = (x2 - x1) / 2 * self.config.box_padding
-            half_h = (y2 - y1) / 2 * self.config.box_padding
-            x1, x2, y1, y2 = cx - half_w, cx + half_w, cy - half_h, cy + half_h
-        if hull is not None:
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            last_w, last_h = track.box[2], track.box[3]
-            half_w = min(max(x2 - x1, last_w / _MAX_SIZE_STEP), last_w * _MAX_SIZE_STEP) / 2
-            half_h = min(max(y2 - y1, last_h / _MAX_SIZE_STEP), last_h * _MAX_SIZE_STEP) / 2
-            x1, x2, y1, y2 = cx - half_w, cx + half_w, cy - half_h, cy + half_h
-        x1, y1 = max(0.0, float(x1)), max(0.0, float(y1))
-        x2, y2 = min(float(width), float(x2)), min(float(height), float(y2))
+            corners = track.motion.apply(track.anchor.corners)
+        centre = (corners[:2] + corners[2:]) / 2 + track.velocity
+        last = np.asarray(track.box[2:])
+        size = np.clip(
+            (corners[2:] - corners[:2]) * track.growth, last / _MAX_SIZE_STEP, last * _MAX_SIZE_STEP
+        )
+        x1, y1 = np.maximum(centre - size / 2, 0.0).tolist()
+        x2, y2 = np.minimum(centre + size / 2, [width, height]).tolist()
+        in_view = max(0.0, x2 - x1) * max(0.0, y2 - y1) / max(float(np.prod(size)), 1e-9)
+        cut_low = centre - size / 2 < 0  # (2,) the left, top edge cuts it
+        cut_high = centre + size / 2 > [width, height]  # the right, bottom edge
+        outward = (cut_low & (track.velocity < 0)) | (cut_high & (track.velocity > 0))
+        track.leaving = in_view < _LEAVING_IN_VIEW and bool(outward.any())
         smallest = self.config.min_box_size_px
         # A box shrunk below the smallest size by the clipping is kept at that size, inside the
         # image: its person is then judged by its score (and lost when it left the view).
         x2, y2 = max(x2, min(x1 + smallest, width)), max(y2, min(y1 + smallest, height))
         x1, y1 = min(x1, x2 - smallest), min(y1, y2 - smallest)
         return (x1, y1, x2 - x1, y2 - y1)
+
+    def _motions(self, sightings: list[tuple[Track, np.ndarray]]) -> list[ScaleShift | None]:
+        """Each sighted track's motion from its anchor to its new (K, 3) keypoints.
+
+        Its own keypoints' (``fit_scale_shift`` over the joints in view in both), unless that
+        cannot be told apart from the motion shared by all the tracks anchored on the same
+        frame (one fit over all their joints): then the shared one, which many more joints fix.
+        A pan or a zoom moves every person alike, and a person the pose model places poorly (cut
+        by the image edge, half hidden) then moves with the others instead of with its own
+        noise; a person who moves on its own differs from the shared motion by more than its
+        noise, and keeps its own.
+        """
+        assert self._size is not None
+        pairs = [
+            joints_in_both(track.anchor.keypoints, keypoints, self._size)
+            if track.anchor is not None
+            else (np.zeros((0, 2)), np.zeros((0, 2)))
+            for track, keypoints in sightings
+        ]
+        spans = [track.since_anchor + track.unseen + 1 for track, _ in sightings]
+        shared = {
+            span: fit_scale_shift(
+                np.concatenate([a for (a, _), s in zip(pairs, spans, strict=True) if s == span]),
+                np.concatenate([b for (_, b), s in zip(pairs, spans, strict=True) if s == span]),
+            )
+            for span in set(spans)
+        }
+        motions: list[ScaleShift | None] = []
+        for (track, _), (a, b), span in zip(sightings, pairs, spans, strict=True):
+            own, common = fit_scale_shift(a, b), shared[span]
+            if own is None or common is None or track.anchor is None:
+                motions.append(own or common)
+                continue
+            corners = track.anchor.corners
+            apart = float(np.abs(own.apply(corners) - common.apply(corners)).max())
+            noise = _OWN_MOTION_SIGMAS * own.uncertainty(corners.reshape(2, 2))
+            bias = _OWN_MOTION_SHARE * float((corners[2:] - corners[:2]).max())
+            motions.append(own if apart > max(noise, bias) else common)
+        return motions
 
     def _update(
         self,
@@ -410,31 +424,43 @@ class Tracker:
             kept: list[int] = []
             broken: set[int] = set()  # answered, but their track keeps its last good pose
             for i in order:
-                bad = _quality(persons[i]) < self.config.min_track_score
+                track, person = live[i], persons[i]
+                bad = _quality(person) < self.config.min_track_score
                 if not bad and kept:
                     same = similarity(
-                        _keypoints(persons[i])[None],
-                        np.asarray([persons[i].bbox]),
+                        _keypoints(person)[None],
+                        np.asarray([person.bbox]),
                         np.stack([_keypoints(persons[j]) for j in kept]),
                         np.asarray([persons[j].bbox for j in kept]),
                     )
                     bad = bool((same >= DUPLICATE_OKS).any())
-                if bad:
-                    lost = True
+                # Where its motion did not predict it: a cut, an occlusion, the pose model lost.
+                # Nothing says so with no joint in view in both (None), nor for a track seen once
+                # (no motion to predict with).
+                agreement = pose_agreement(
+                    in_view(track.predicted(), *self._size),
+                    np.asarray(track.box),
+                    in_view(_keypoints(person), *self._size),
+                    np.asarray(person.bbox),
+                )
+                if agreement is None or track.sightings < 2:
+                    agreement = 1.0
+                astray = agreement < self.config.min_track_oks
+                broke = agreement < _BROKEN_OKS
+                # No detector run for a person leaving the view (nothing is there to find), nor
+                # for one on the first frame after the detector found it, unless its pose broke
+                # altogether: its box is then the detector's own moved on one frame, a fresh
+                # look would find the same box, and a poor pose in it is the pose model's limit
+                # (a person it barely sees), not the tracker's.
+                excused = track.leaving or (track.since_anchor == 0 and not broke)
+                if bad or (astray and track.leaving):
+                    lost = lost or not excused
                     continue
                 kept.append(i)
                 pairs.append((i, i))
-                # Kept, but where the motion did not predict it: the detector checks next frame.
-                agreement = oks(
-                    live[i].predicted()[None],
-                    np.asarray([live[i].box]),
-                    _keypoints(persons[i])[None],
-                    np.asarray([persons[i].bbox]),
-                )
-                moving = live[i].sightings >= 2  # else its motion is not known yet
-                if moving and float(agreement[0, 0]) < self.config.min_track_oks:
-                    lost = True
-                    if float(agreement[0, 0]) < _BROKEN_OKS:
+                if astray:  # kept, and the detector checks next frame
+                    lost = lost or not excused
+                    if broke:
                         broken.add(i)
             tracks = live
         else:
@@ -469,19 +495,24 @@ class Tracker:
                 continue
             person = persons[person_index]
             self._tracks.append(
-                _Track(self._next_id, _keypoints(person), person.bbox, person.bbox_score, unseen=1)
+                Track(self._next_id, _keypoints(person), person.bbox, person.bbox_score, unseen=1)
             )
             self._next_id += 1
             seen[person_index] = len(self._tracks) - 1
         t = (timestamp_ms / 1000.0) if timestamp_ms is not None else None
         answered: list[tuple[int, Person]] = []
+        sighted = [i for i in seen if i not in broken]
+        motions = self._motions([(self._tracks[seen[i]], _keypoints(persons[i])) for i in sighted])
+        for person_index, motion in zip(sighted, motions, strict=True):
+            person = persons[person_index]
+            self._tracks[seen[person_index]].sighted(
+                _keypoints(person), person.bbox, motion, self._size, boxed=not tracked
+            )
         for person_index, position in seen.items():
             track = self._tracks[position]
             person = persons[person_index]
             refound = track.unseen > 0
             track.broken = person_index in broken
-            if not track.broken:
-                track.sighted(_keypoints(person), person.bbox, boxed=not tracked)
             track.unseen = -1
             if not tracked:
                 track.box_score = person.bbox_score
@@ -509,7 +540,7 @@ class Tracker:
         )
 
     def _smooth(
-        self, track: _Track, person: Person, frame: int, t: float | None, refound: bool
+        self, track: Track, person: Person, frame: int, t: float | None, refound: bool
     ) -> Person:
         """The person with its keypoints through the track's One Euro filter (when asked)."""
         params = self.options.smoothing
@@ -527,7 +558,7 @@ class Tracker:
         return replace(person, keypoints=keypoints)
 
 
-def start_tracker(engine: Engine, options: TrackOptions, settings: Settings) -> Tracker:
+def start_tracker(engine: EngineHandle, options: TrackOptions, settings: Settings) -> Tracker:
     """A tracker for one new stream over ``engine``, with the server's knobs."""
     try:
         has_detector = engine.model_info().detector is not None
