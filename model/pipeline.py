@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -244,13 +245,13 @@ class TopDownPipeline:
             b = b.detach().to("cpu", torch.float32)
             if b.shape[1] == 4:
                 b = torch.cat((b, torch.ones((b.shape[0], 1))), dim=1)
-            bad = ~(torch.isfinite(b).all(dim=1) & (b[:, 2] > 0) & (b[:, 3] > 0))
-            if bool(bad.any()):
-                j = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"item {index}: box {j} {b[j].tolist()} needs finite values and a width and "
-                    "height > 0"
-                )
+            # Python floats: a few boxes, where each tensor op costs more than this loop.
+            for j, row in enumerate(b.tolist()):
+                if not (all(math.isfinite(v) for v in row) and row[2] > 0 and row[3] > 0):
+                    raise ValueError(
+                        f"item {index}: box {j} {row} needs finite values and a width and "
+                        "height > 0"
+                    )
             boxes = b
         return _Plan(int(image.shape[1]), int(image.shape[2]), boxes, options)
 

@@ -167,16 +167,14 @@ def check_boxes_in_image(boxes: torch.Tensor, width: int, height: int) -> None:
     Raises:
         InvalidRequestError: "bad_boxes" naming the first box that lies outside.
     """
-    if boxes.shape[0] == 0:
-        return
-    x, y, w, h = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    outside = (x >= width) | (y >= height) | (x + w <= 0) | (y + h <= 0)
-    if bool(outside.any()):
-        j = int(outside.nonzero()[0, 0])
-        box = ", ".join(f"{v:g}" for v in boxes[j, :4].tolist())
-        raise InvalidRequestError(
-            "bad_boxes", f"box {j}: [{box}] lies outside the {width}x{height} image"
-        )
+    # A loop over Python floats: a request has a few boxes (at most ``max_boxes``), where each
+    # tensor op would cost more than the whole loop.
+    for j, (x, y, w, h, *_) in enumerate(boxes.tolist()):
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            box = ", ".join(f"{v:g}" for v in (x, y, w, h))
+            raise InvalidRequestError(
+                "bad_boxes", f"box {j}: [{box}] lies outside the {width}x{height} image"
+            )
 
 
 def _short(value: Any, limit: int = 40) -> str:
