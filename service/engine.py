@@ -121,6 +121,10 @@ class Engine:
         decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in the decode pool; its
             exceptions (``service.errors.ImageError``) reach the caller unchanged. Without one,
             requests must carry decoded tensors.
+        small_decoder: Encoded bytes -> the image if it is small, else None
+            (``service.uploads.decode_if_small``): run on the event loop after admission, since
+            handing a thumbnail to the pool costs more than decoding it. Not used when JPEGs
+            are decoded on the device.
         probe: Encoded bytes -> ``ImageHeader`` without decoding (``service.gpu_decode.probe_image``
             with the pixel limit); needed by ``config.gpu_decode``, run in the decode pool, its
             exceptions reach the caller unchanged.
@@ -140,6 +144,7 @@ class Engine:
         config: EngineConfig,
         *,
         decoder: Callable[[bytes], torch.Tensor] | None = None,
+        small_decoder: Callable[[bytes], torch.Tensor | None] | None = None,
         probe: Callable[[bytes], ImageHeader] | None = None,
         device_decoder: DeviceDecoder | None = None,
         observer: EngineObserver | None = None,
@@ -148,6 +153,7 @@ class Engine:
             raise ValueError("at least one device is needed")
         self._config = config
         self._decoder = decoder
+        self._small_decoder = small_decoder
         decoding = plan_decoding(
             devices,
             gpu_decode=config.gpu_decode,
@@ -356,7 +362,7 @@ class Engine:
             raise error
         if request.deadline is not None:
             job.timer = loop.call_at(loop.time() + (request.deadline - t_submit), self._expire, job)
-        if data is not None:
+        if data is not None and not self._decode_small(job, data):
             assert self._decoder is not None and self._decode_pool is not None
             decode_future = loop.run_in_executor(
                 self._decode_pool, _timed_decode, self._decoder, data, self._probe
@@ -414,6 +420,25 @@ class Engine:
             EngineError: The first job's error (see ``infer``).
         """
         return await infer_all(self._infer, requests, abandoned)
+
+    def _decode_small(self, job: Job, data: bytes) -> bool:
+        """Decode a small image here, on the event loop, and queue the job (or fail it); False
+        (nothing done) for an image that is not small, or when the device decodes JPEGs."""
+        if self._small_decoder is None or self._probe is not None:
+            return False
+        done: asyncio.Future[tuple[torch.Tensor | EncodedJpeg, float]]
+        done = asyncio.get_running_loop().create_future()
+        t0 = time.monotonic()
+        try:
+            image = self._small_decoder(data)
+        except Exception as exc:  # the decoder's ImageError, as from the pool
+            done.set_exception(exc)
+        else:
+            if image is None:
+                return False
+            done.set_result((image, time.monotonic() - t0))
+        self._decoded(job, done)
+        return True
 
     def _decoded(
         self, job: Job, decode_future: asyncio.Future[tuple[torch.Tensor | EncodedJpeg, float]]

@@ -59,7 +59,6 @@ from service.engine_wire import (
 from service.errors import (
     DeadlineExceededError,
     EngineStoppedError,
-    InvalidRequestError,
     NotReadyError,
     QueueFullError,
     error_from_wire,
@@ -72,10 +71,6 @@ logger = logging.getLogger(__name__)
 # A call with a deadline is answered at most this long after it, whatever the engine does.
 _DEADLINE_BACKSTOP_S = 1.0
 _RETRY_AFTER_BUSY_S = 1.0
-# Decoded on the event loop, not in the pool, when the file and its pixels are at most this
-# (about a millisecond of decoding on a server core).
-SMALL_IMAGE_BYTES = 64 * 1024
-SMALL_IMAGE_PIXELS = 100_000
 
 
 class EngineGoneError(RuntimeError):
@@ -89,9 +84,9 @@ class EngineClient:
         address: The engine's ``ipc://`` address.
         config: The engine's knobs (the request limits and ``max_queue_size`` are used here).
         decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in this front end's pool.
-        small_decoder: The same with a small pixel limit (``SMALL_IMAGE_PIXELS``), run on the
-            event loop: handing a thumbnail to a pool thread costs more than decoding it (a
-            larger image is refused by its header, cheaply, and goes to the pool).
+        small_decoder: Encoded bytes -> the image if it is small, else None
+            (``service.uploads.decode_if_small``), run on the event loop: handing a thumbnail to
+            a pool thread costs more than decoding it.
         probe: Encoded bytes -> header, for JPEGs the engine decodes on its GPU.
         images_dir: Shared-memory folder for decoded images (the run folder's).
         engine_pid: The engine process, watched through a pidfd; None watches nothing.
@@ -107,7 +102,7 @@ class EngineClient:
         config: EngineConfig,
         *,
         decoder: Callable[[bytes], torch.Tensor],
-        small_decoder: Callable[[bytes], torch.Tensor] | None = None,
+        small_decoder: Callable[[bytes], torch.Tensor | None] | None = None,
         probe: Callable[[bytes], ImageHeader],
         images_dir: Path,
         engine_pid: int | None,
@@ -273,7 +268,7 @@ class EngineClient:
                 and (await loop.run_in_executor(self._pool, self._probe, data)).device_decodable
             ):
                 return ImageRef("encoded"), data, None, time.monotonic() - t0
-            small = self._decode_small(data)
+            small = self._small_decoder(data) if self._small_decoder is not None else None
             if small is None:
                 small = await loop.run_in_executor(self._pool, self._decoder, data)
             image = small
@@ -293,17 +288,6 @@ class EngineClient:
             payload = image.contiguous().numpy().tobytes()
             return ImageRef("inline", shape), payload, image, time.monotonic() - t0
         return ImageRef("file", shape, path), None, image, time.monotonic() - t0
-
-    def _decode_small(self, data: bytes) -> torch.Tensor | None:
-        """The image decoded here and now if it is small (its header says so), else None."""
-        if self._small_decoder is None or len(data) > SMALL_IMAGE_BYTES:
-            return None
-        try:
-            return self._small_decoder(data)
-        except InvalidRequestError as exc:
-            if exc.code == "too_many_pixels":
-                return None  # not small: the pool decodes it, under the real limit
-            raise
 
     async def _call(
         self,

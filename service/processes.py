@@ -351,19 +351,17 @@ async def _run_frontend(
     parent_pid: int,
     ports: tuple[int, int],
 ) -> int:
-    from service.engine_client import SMALL_IMAGE_PIXELS, EngineClient
+    from service.engine_client import EngineClient
     from service.gpu_decode import probe_image
     from service.metrics import Metrics
-    from service.uploads import decode_image
+    from service.uploads import decode_if_small, decode_image
 
     settings = settings.model_copy(update={"http_port": ports[0], "grpc_port": ports[1]})
     client = EngineClient(
         paths.engine_address,
         settings.engine_config(),
         decoder=partial(decode_image, max_pixels=settings.max_image_pixels),
-        small_decoder=partial(
-            decode_image, max_pixels=min(SMALL_IMAGE_PIXELS, settings.max_image_pixels)
-        ),
+        small_decoder=partial(decode_if_small, max_pixels=settings.max_image_pixels),
         probe=partial(probe_image, max_pixels=settings.max_image_pixels),
         images_dir=paths.images,
         engine_pid=engine_pid,

@@ -28,7 +28,7 @@ from service.metrics import Metrics
 from service.model_choice import ModelChoice
 from service.rest import create_app
 from service.settings import Settings
-from service.uploads import decode_image
+from service.uploads import decode_if_small, decode_image
 
 logger = logging.getLogger("service")
 
@@ -71,6 +71,7 @@ def build_engine(
         settings.devices(),
         settings.engine_config(),
         decoder=partial(decode_image, max_pixels=settings.max_image_pixels),
+        small_decoder=partial(decode_if_small, max_pixels=settings.max_image_pixels),
         probe=partial(probe_image, max_pixels=settings.max_image_pixels),
         observer=observer,
     )

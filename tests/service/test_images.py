@@ -13,7 +13,13 @@ import torch
 from PIL import Image
 
 from service.errors import ImageError
-from service.uploads import decode_image, sniff_format
+from service.uploads import (
+    SMALL_IMAGE_BYTES,
+    SMALL_IMAGE_PIXELS,
+    decode_if_small,
+    decode_image,
+    sniff_format,
+)
 
 MAX = 40_000_000
 
@@ -198,3 +204,37 @@ def test_sniff_format_ignores_nothing_but_magic() -> None:
     assert sniff_format(encode(gradient(), "JPEG")) == "jpeg"
     assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
     assert sniff_format(b"\x01\x02\x03") is None
+
+
+def _png(width: int, height: int, noise: bool = True) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = (
+        rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        if noise
+        else np.zeros((height, width, 3), dtype=np.uint8)
+    )
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_decode_if_small_decodes_thumbnails_and_leaves_the_rest() -> None:
+    thumb = _png(64, 48)
+    assert torch.equal(
+        decode_if_small(thumb, max_pixels=10**8), decode_image(thumb, max_pixels=10**8)
+    )
+    # Few bytes, many pixels (a flat image compresses well): its header sends it elsewhere.
+    flat = _png(2000, 2000, noise=False)
+    assert len(flat) <= SMALL_IMAGE_BYTES and SMALL_IMAGE_PIXELS < 2000 * 2000
+    assert decode_if_small(flat, max_pixels=10**8) is None
+    # A large file is not even opened.
+    assert decode_if_small(_png(300, 300), max_pixels=10**8) is None
+    # Over a limit below the small size: None here, refused by the real decode with that limit.
+    assert decode_if_small(thumb, max_pixels=1000) is None
+    with pytest.raises(ImageError) as refused:
+        decode_image(thumb, max_pixels=1000)
+    assert refused.value.code == "too_many_pixels"
+    # A small file that is broken is refused here, as the pool would.
+    with pytest.raises(ImageError) as broken:
+        decode_if_small(thumb[:100], max_pixels=10**8)
+    assert broken.value.code == "bad_image"
