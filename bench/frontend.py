@@ -207,9 +207,8 @@ async def http_caller(
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
             await reader.readexactly(length)
-            counts["ok" if status == 200 else f"http {status}"] = (
-                counts.get("ok" if status == 200 else f"http {status}", 0) + 1
-            )
+            outcome = "ok" if status == 200 else f"http {status}"
+            counts[outcome] = counts.get(outcome, 0) + 1
     finally:
         writer.close()
 
@@ -241,7 +240,8 @@ async def grpc_stream(
         response = await call.read()
         if response is grpc.aio.EOF:
             break
-        counts["ok" if not response.error.code else response.error.code] = counts.get("ok", 0) + 1
+        outcome = response.error.code or "ok"
+        counts[outcome] = counts.get(outcome, 0) + 1
         slots.release()
     await task
 

@@ -152,10 +152,6 @@ class EngineClient:
         state = self._state
         return self._stopping or self._gone or (state is not None and state.draining)
 
-    @property
-    def config(self) -> EngineConfig:
-        return self._config
-
     def model_info(self) -> ModelDescription:
         """The engine's model.
 
@@ -198,7 +194,7 @@ class EngineClient:
         if self._calls:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
-        self._fail_pending(EngineStoppedError("the server is shutting down"))
+        self._fail_pending(lambda: EngineStoppedError("the server is shutting down"))
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -209,6 +205,7 @@ class EngineClient:
                 self._outbox.flush()
             self._socket.close(linger=0)
             self._socket = None
+        self._context.term()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def infer_many(
@@ -368,9 +365,10 @@ class EngineClient:
         if future is not None and not future.done():
             future.set_exception(error)
 
-    def _fail_pending(self, error_of: BaseException) -> None:
+    def _fail_pending(self, error: Callable[[], BaseException]) -> None:
+        """Fail every call waiting for the engine, each with its own error."""
         for rid in list(self._pending):
-            self._settle_error(rid, type(error_of)(str(error_of)))
+            self._settle_error(rid, error())
 
     def _watch_engine(self) -> None:
         """Learn of the engine process's exit at once (a pidfd turns readable)."""
@@ -397,7 +395,7 @@ class EngineClient:
         self._gone = True
         if not self._stopping:
             logger.error("the engine process exited: answering 503 to everything")
-        self._fail_pending(NotReadyError("the engine process stopped"))
+        self._fail_pending(lambda: NotReadyError("the engine process stopped"))
         self._state_changed.set()
         with contextlib.suppress(Exception):
             if self._pidfd is not None:

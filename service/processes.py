@@ -295,8 +295,8 @@ async def _run_engine(settings: Settings, address: str, parent_pid: int) -> int:
     server = EngineServer(engine, address)
     server.bind()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # A second SIGTERM (the parent passing on a second signal) skips the grace period.
+    force = serving.install_signal_handlers(stop, (signal.SIGTERM,))
     _watch_parent(parent_pid, stop)
     serving_task = asyncio.create_task(server.run())
     start = asyncio.create_task(engine.start())
@@ -314,16 +314,8 @@ async def _run_engine(settings: Settings, address: str, parent_pid: int) -> int:
     else:
         start.cancel()
         await asyncio.gather(start, return_exceptions=True)
-    # A second SIGTERM (the parent passing on a second signal) skips the grace period.
-    stop.clear()
-    drain = asyncio.create_task(engine.stop(settings.drain_grace_s))
-    server.publish_state()
-    forced = asyncio.create_task(stop.wait())
-    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
-    if not drain.done():
-        await engine.stop(0)
-    forced.cancel()
-    await asyncio.gather(drain, forced, return_exceptions=True)
+    # (The heartbeat tells the front ends it is draining; they have drained already.)
+    await serving.drain(engine, settings.drain_grace_s, force)
     await server.close()
     serving_task.cancel()
     await asyncio.gather(serving_task, return_exceptions=True)

@@ -162,7 +162,7 @@ async def run_servers(
     )
     if stop is None:
         stop = asyncio.Event()
-    force = _install_signal_handlers(stop, signals)
+    force = install_signal_handlers(stop, signals)
 
     try:
         await grpc_server.start()
@@ -208,13 +208,7 @@ async def run_servers(
 
     logger.info("draining", extra={"grace_s": 0.0 if force.is_set() else settings.drain_grace_s})
     await grpc_server.set_serving(False)
-    drain = asyncio.create_task(engine.stop(settings.drain_grace_s))
-    forced = asyncio.create_task(force.wait())
-    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
-    forced.cancel()
-    if not drain.done():
-        await engine.stop(0)  # a second signal: fail what is left at once
-        await asyncio.gather(drain, return_exceptions=True)
+    await drain(engine, settings.drain_grace_s, force)
     http.should_exit = True
     http.force_exit = force.is_set()
     await asyncio.gather(http_task, return_exceptions=True)
@@ -224,7 +218,18 @@ async def run_servers(
     return code
 
 
-def _install_signal_handlers(
+async def drain(engine: ServedEngine, grace_s: float, force: asyncio.Event) -> None:
+    """``engine.stop(grace_s)``, cut short (what is left fails at once) when ``force`` is set."""
+    stopping = asyncio.create_task(engine.stop(grace_s))
+    forced = asyncio.create_task(force.wait())
+    await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+    forced.cancel()
+    if not stopping.done():
+        await engine.stop(0)  # a second signal: fail what is left at once
+    await asyncio.gather(stopping, forced, return_exceptions=True)
+
+
+def install_signal_handlers(
     stop: asyncio.Event, signals: Sequence[signal.Signals]
 ) -> asyncio.Event:
     """``signals`` set ``stop``; a second one sets the returned "force" event."""
