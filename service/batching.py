@@ -293,13 +293,21 @@ class BatchQueue:
         with self._cv:
             return self._reserved
 
-    def admit(self, job: Job, *, workers: int = 1, max_wait_s: float | None = None) -> float | None:
+    def admit(
+        self,
+        job: Job,
+        *,
+        workers: int = 1,
+        max_wait_s: float | None = None,
+        wake: bool = True,
+    ) -> float | None:
         """Take a slot for ``job`` (state ``DECODING`` or ``QUEUED``; a queued job is queued now).
 
         Admission is by count (``max_queue_size``) and by time: once the workers' throughput is
         known (in crops per second), a job whose expected wait (the crops ahead of it) plus its
         own service would pass its deadline (or whose wait would pass ``max_wait_s``) is refused
-        now rather than admitted into a timeout.
+        now rather than admitted into a timeout. With ``wake`` false a queued job does not wake
+        the consumers: the caller calls ``wake()`` once for several jobs.
 
         Returns:
             None when admitted; else, taking nothing, the seconds after which a retry may be
@@ -321,7 +329,7 @@ class BatchQueue:
             self._reserved += 1
             self._reserved_work += job.work
             if job.state is JobState.QUEUED:
-                self._append_locked(job)
+                self._append_locked(job, wake)
             self._on_depth(self._reserved)
             return None
 
@@ -332,22 +340,29 @@ class BatchQueue:
             return float(max(1, boxes.shape[0]))  # (0 boxes: still a call's share of overhead)
         return self._boxless_work
 
-    def enqueue(self, job: Job) -> bool:
-        """Queue a decoded job. False when it left ``DECODING`` meanwhile (it is then dropped)."""
+    def enqueue(self, job: Job, *, wake: bool = True) -> bool:
+        """Queue a decoded job (waking the consumers unless ``wake`` is false). False when it
+        left ``DECODING`` meanwhile (it is then dropped)."""
         with self._cv:
             if job.state is not JobState.DECODING:
                 return False
             job.state = JobState.QUEUED
-            self._append_locked(job)
+            self._append_locked(job, wake)
             return True
 
-    def _append_locked(self, job: Job) -> None:
+    def wake(self) -> None:
+        """Wake the consumers for jobs queued with ``wake=False``."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def _append_locked(self, job: Job, wake: bool = True) -> None:
         job.t_queued = time.monotonic()
         if job.source not in self._served:
             # A source starts level with the least served one queued: idle time earns no credit.
             self._served[job.source] = min(self._served.values(), default=0.0)
         self._queue.append(job)
-        self._cv.notify_all()
+        if wake:
+            self._cv.notify_all()
 
     def release(self, job: Job) -> None:
         """Move ``job`` to ``DONE`` from any state, freeing its slot and taking it off the queue."""

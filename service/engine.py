@@ -187,6 +187,7 @@ class Engine:
         self._image_bytes = 0  # decoded pixels held by live jobs (``max_inflight_image_bytes``)
         self._idle = asyncio.Event()  # set while _live is empty
         self._idle.set()
+        self._wake_scheduled = False
         self._decode_pool: ThreadPoolExecutor | None = None
         self._started = False
         self._ready = False
@@ -302,11 +303,22 @@ class Engine:
                 image, boxes or options are invalid (``service.validation``: checked here, once,
                 so that one bad request cannot fail a batch).
         """
-        return await self._infer(request)
+        return await self.submit(request)
 
     async def _infer(self, request: PoseRequest) -> PoseResponse:
         """``infer``'s work; the engine's own sub-requests (``infer_many``, a split request) come
         here directly, so that a caller wrapping ``infer`` sees only its own calls."""
+        return await self.submit(request)
+
+    def submit(self, request: PoseRequest) -> asyncio.Future[PoseResponse]:
+        """``infer`` without a coroutine, for callers that handle many jobs at once (the engine
+        process's server): the checks and admission happen now, the answer settles the returned
+        future. Cancelling the future drops the job (before compute, unless already running).
+
+        Raises:
+            The admission errors of ``infer`` (not ready, queue full, invalid request, deadline
+            already passed), at once; the others settle the future.
+        """
         if not self.ready:
             raise NotReadyError("draining" if self._draining else "the engine is not ready")
         loop = asyncio.get_running_loop()
@@ -318,7 +330,7 @@ class Engine:
         boxes = None if request.boxes is None else parse_boxes(request.boxes, limits)
         check_options(request.options)
         if boxes is not None and boxes.shape[0] > self._config.max_boxes_per_job:
-            return await self._infer_split(request, boxes, t_submit)
+            return asyncio.ensure_future(self._infer_split(request, boxes, t_submit))
         data: bytes | None = None
         image = request.image
         if isinstance(image, torch.Tensor):
@@ -347,7 +359,7 @@ class Engine:
         max_wait = (
             self._config.max_queue_wait_ms / 1000.0 if self._config.max_queue_wait_ms else None
         )
-        retry = self._queue.admit(job, workers=len(self._workers), max_wait_s=max_wait)
+        retry = self._queue.admit(job, workers=len(self._workers), max_wait_s=max_wait, wake=False)
         if retry is not None:
             raise QueueFullError(
                 f"overloaded: {self._queue.depth()} jobs waiting; this one would not be answered "
@@ -356,10 +368,13 @@ class Engine:
             )
         self._live.add(job)
         self._idle.clear()
+        self._wake_soon(loop)
         if data is None and not self._hold_image(job, int(image.nbytes)):
             error = self._too_many_image_bytes(job)
             self._finish(job)
             raise error
+        # The caller went away (the future was cancelled): free the slot, keep it from workers.
+        job.future.add_done_callback(lambda done: self._finish(job) if done.cancelled() else None)
         if request.deadline is not None:
             job.timer = loop.call_at(loop.time() + (request.deadline - t_submit), self._expire, job)
         if data is not None and not self._decode_small(job, data):
@@ -369,12 +384,18 @@ class Engine:
             )
             job.decode_future = decode_future
             decode_future.add_done_callback(lambda f: self._decoded(job, f))
-        try:
-            return cast(PoseResponse, await job.future)
-        except asyncio.CancelledError:
-            # The caller went away: free the slot and keep the job from any worker.
-            self._finish(job)
-            raise
+        return cast("asyncio.Future[PoseResponse]", job.future)
+
+    def _wake_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wake the workers once at the end of this event-loop iteration, for every job queued
+        during it (a burst of requests wakes a waiting worker once, not once per job)."""
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
+        self._queue.wake()
 
     async def _infer_split(
         self, request: PoseRequest, boxes: torch.Tensor, t_submit: float
@@ -471,7 +492,8 @@ class Engine:
         if not self._hold_image(job, size[0] * size[1] * 3):
             self._finish(job, exc=self._too_many_image_bytes(job))
             return
-        self._queue.enqueue(job)
+        self._queue.enqueue(job, wake=False)
+        self._wake_soon(job.loop)
 
     def _hold_image(self, job: Job, nbytes: int) -> bool:
         """Count ``job``'s decoded pixels against ``max_inflight_image_bytes`` (event loop)."""

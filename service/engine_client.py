@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import zmq
-import zmq.asyncio
 
 from model.interfaces import ModelDescription
 from service.engine_api import EngineConfig, PoseRequest, PoseResponse, infer_all
@@ -47,14 +46,14 @@ from service.engine_wire import (
     INLINE_LIMIT_BYTES,
     RESULT,
     STATE,
+    Channel,
     EngineState,
     ErrorMessage,
     ImageFiles,
     ImageRef,
     InferMessage,
-    Outbox,
+    Message,
     ResultMessage,
-    loads,
 )
 from service.errors import (
     DeadlineExceededError,
@@ -119,9 +118,8 @@ class EngineClient:
         self._index = index
         self._frontends = frontends
         self._all_listening = False
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._outbox: Outbox | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._channel: Channel | None = None
         self._pool = ThreadPoolExecutor(
             max_workers=config.decode_workers, thread_name_prefix="pose-decode"
         )
@@ -132,7 +130,6 @@ class EngineClient:
         self._idle.set()
         self._state: EngineState | None = None
         self._state_changed = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
         self._pidfd: int | None = None
         self._gone = False
         self._stopping = False
@@ -175,11 +172,9 @@ class EngineClient:
         socket.setsockopt(zmq.RCVHWM, 0)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self._address)
-        self._socket = socket
-        self._outbox = Outbox(socket, routed=False)
+        self._channel = Channel(socket, routed=False, on_messages=self._received)
         self._watch_engine()
-        self._reader = asyncio.create_task(self._read())
-        self._outbox.put(None, HELLO, self._index)
+        self._channel.put(None, HELLO, self._index)
         while not self.ready:
             if self._gone:
                 raise EngineGoneError("the engine process exited before it was ready")
@@ -195,16 +190,10 @@ class EngineClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace)
         self._fail_pending(lambda: EngineStoppedError("the server is shutting down"))
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
         self._unwatch_engine()
-        if self._socket is not None:
-            if self._outbox is not None:
-                self._outbox.flush()
-            self._socket.close(linger=0)
-            self._socket = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         self._context.term()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -296,7 +285,7 @@ class EngineClient:
         t_submit: float,
     ) -> PoseResponse:
         """Send one INFER and wait for its one answer."""
-        if self._gone or self._socket is None:
+        if self._gone or self._channel is None:
             raise NotReadyError("the engine process stopped")
         boxes = request.boxes.tolist() if isinstance(request.boxes, torch.Tensor) else request.boxes
         rid = next(self._ids)
@@ -314,16 +303,15 @@ class EngineClient:
                 rid,
                 DeadlineExceededError("the deadline passed before the answer"),
             )
-        assert self._outbox is not None
-        self._outbox.put(None, INFER, message, payload)
+        self._channel.put(None, INFER, message, payload)
         try:
             result = await answer
         except asyncio.CancelledError:
             # (Cancelling this task cancelled ``answer`` too: "done" means answered only when
             # not cancelled.)
             answered = answer.done() and not answer.cancelled()
-            if not answered and self._outbox is not None and not self._gone:
-                self._outbox.put(None, CANCEL, rid)
+            if not answered and self._channel is not None and not self._gone:
+                self._channel.put(None, CANCEL, rid)
             raise
         finally:
             self._pending.pop(rid, None)
@@ -338,27 +326,24 @@ class EngineClient:
             image=image if request.return_image else None,
         )
 
-    async def _read(self) -> None:
-        """Answers and state from the engine, until stopped."""
-        assert self._socket is not None
-        while True:
-            (body,) = await self._socket.recv_multipart()
-            for kind, message, _ in loads(body):
-                if kind == RESULT:
-                    future = self._pending.get(message.request_id)
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                elif kind == ERROR:
-                    error: ErrorMessage = message
-                    self._settle_error(
-                        error.request_id,
-                        error_from_wire(error.code, error.message, error.retry_after_s),
-                    )
-                elif kind == STATE:
-                    state: EngineState = message
-                    self._state = state
-                    self._all_listening = self._all_listening or state.frontends >= self._frontends
-                    self._state_changed.set()
+    def _received(self, peer: bytes | None, messages: list[Message]) -> None:
+        """Answers and state from the engine (one burst)."""
+        for kind, message, _ in messages:
+            if kind == RESULT:
+                future = self._pending.get(message.request_id)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            elif kind == ERROR:
+                error: ErrorMessage = message
+                self._settle_error(
+                    error.request_id,
+                    error_from_wire(error.code, error.message, error.retry_after_s),
+                )
+            elif kind == STATE:
+                state: EngineState = message
+                self._state = state
+                self._all_listening = self._all_listening or state.frontends >= self._frontends
+                self._state_changed.set()
 
     def _settle_error(self, rid: int, error: BaseException) -> None:
         future = self._pending.get(rid)

@@ -1,11 +1,13 @@
 """The engine process's side of the front-end/engine split: every front end's jobs into one
 ``Engine``, so that one batch holds requests from several front ends.
 
-``EngineServer`` owns the ZeroMQ ROUTER socket (``service.engine_wire``). Each INFER becomes one
-``Engine.infer`` call in its own task, answered with one RESULT or one ERROR; a CANCEL (the
-front end's caller went away) cancels that task, which drops the job before compute exactly as
-a disconnect does in one process. The engine's state (ready, draining, model) goes to every
-front end that said HELLO, when it changes and every ``STATE_INTERVAL_S`` as a heartbeat.
+``EngineServer`` owns the ZeroMQ ROUTER socket (``service.engine_wire.Channel``). A burst of
+INFERs (what one front end sent in one event-loop iteration) is admitted in one go: each becomes
+one ``Engine.submit`` (no task per job; the workers are woken once for the burst), and each
+job's future, when it settles, queues one RESULT or one ERROR, coalesced per front end. A CANCEL
+(the front end's caller went away) cancels that future, which drops the job before compute
+exactly as a disconnect does in one process. The engine's state (ready, draining, model) goes to
+every front end that said HELLO, when it changes and every ``STATE_INTERVAL_S`` as a heartbeat.
 Validation, admission by time, deadlines and the bound on decoded bytes all stay in the engine:
 a front end cannot tell the difference, and neither can its clients.
 """
@@ -14,12 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from functools import partial
 
 import zmq
-import zmq.asyncio
 
-from service.engine import Engine, PoseRequest
+from service.engine import Engine, PoseRequest, PoseResponse
 from service.engine_wire import (
     CANCEL,
     ERROR,
@@ -28,12 +29,12 @@ from service.engine_wire import (
     RESULT,
     STATE,
     STATE_INTERVAL_S,
+    Channel,
     EngineState,
     ErrorMessage,
     InferMessage,
-    Outbox,
+    Message,
     ResultMessage,
-    loads,
     read_image,
 )
 from service.errors import NotReadyError, error_to_wire
@@ -52,45 +53,46 @@ class EngineServer:
     def __init__(self, engine: Engine, address: str) -> None:
         self._engine = engine
         self._address = address
-        self._context = zmq.asyncio.Context()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         # Admission bounds what is in flight; a front end's answers are never dropped for a
         # high-water mark.
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._outbox = Outbox(self._socket, routed=True)
+        self._channel: Channel | None = None
         self._peers: set[bytes] = set()
         self._frontends: set[int] = set()  # indices of the front ends that said HELLO
-        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._jobs: dict[tuple[bytes, int], asyncio.Future[PoseResponse]] = {}
         self._last_state: EngineState | None = None
 
     def bind(self) -> None:
-        """Bind the socket (front ends may connect before or after)."""
+        """Bind the socket and start reading it, on the running event loop (front ends may
+        connect before or after)."""
         self._socket.bind(self._address)
+        self._channel = Channel(self._socket, routed=True, on_messages=self._received)
 
     async def run(self) -> None:
-        """Receive and dispatch until cancelled."""
-        heartbeat = asyncio.create_task(self._heartbeat())
+        """Send the state every ``STATE_INTERVAL_S`` until cancelled (messages are handled as
+        they come, from ``bind`` on)."""
         try:
             while True:
-                peer, body = await self._socket.recv_multipart(copy=True)
-                try:
-                    for kind, message, payload in loads(body):
-                        self._dispatch(peer, kind, message, payload)
-                except Exception:
-                    logger.exception("a malformed message from a front end was dropped")
+                await asyncio.sleep(STATE_INTERVAL_S)
+                self.publish_state(force=True)  # the heartbeat
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            if self._channel is not None:
+                self._channel.flush()
 
     async def close(self) -> None:
         """Answer every job still running (as the engine settles it), then close the socket."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._jobs:
+            await asyncio.wait(list(self._jobs.values()))
+        await asyncio.sleep(0)  # the last answers' callbacks
         self.publish_state()
-        self._outbox.flush()
-        self._socket.close(linger=0)
+        if self._channel is not None:
+            self._channel.close()
+        else:
+            self._socket.close(linger=0)
         self._context.term()
 
     def state(self) -> EngineState:
@@ -111,30 +113,34 @@ class EngineServer:
     def publish_state(self, *, force: bool = False) -> None:
         """Send the state to every front end (when it changed, or ``force``)."""
         state = self.state()
-        if not force and state == self._last_state:
+        if (not force and state == self._last_state) or self._channel is None:
             return
         self._last_state = state
         for peer in self._peers:
-            self._outbox.put(peer, STATE, state)
+            self._channel.put(peer, STATE, state)
 
-    def _dispatch(self, peer: bytes, kind: bytes, message: Any, payload: bytes | None) -> None:
-        if kind == INFER:
-            key = (peer, message.request_id)
-            self._tasks[key] = asyncio.create_task(self._infer(peer, message, payload))
-        elif kind == CANCEL:
-            task = self._tasks.get((peer, message))
-            if task is not None:
-                task.cancel()
-        elif kind == HELLO:
-            self._peers.add(peer)
-            self._frontends.add(message)
-            self.publish_state(force=True)
-        else:
-            logger.warning("unknown message kind %r from a front end", kind)
+    def _received(self, peer: bytes | None, messages: list[Message]) -> None:
+        """One burst from one front end."""
+        assert peer is not None
+        for kind, message, payload in messages:
+            try:
+                if kind == INFER:
+                    self._submit(peer, message, payload)
+                elif kind == CANCEL:
+                    future = self._jobs.get((peer, message))
+                    if future is not None:
+                        future.cancel()
+                elif kind == HELLO:
+                    self._peers.add(peer)
+                    self._frontends.add(message)
+                    self.publish_state(force=True)
+                else:
+                    logger.warning("unknown message kind %r from a front end", kind)
+            except Exception:
+                logger.exception("a malformed message from a front end was dropped")
 
-    async def _infer(self, peer: bytes, message: InferMessage, payload: bytes | None) -> None:
-        """One job: exactly one RESULT or ERROR, unless the front end cancelled it."""
-        rid = message.request_id
+    def _submit(self, peer: bytes, message: InferMessage, payload: bytes | None) -> None:
+        """One job: exactly one RESULT or ERROR, unless the front end cancels it."""
         try:
             request = PoseRequest(
                 image=read_image(message.image, payload),
@@ -144,20 +150,30 @@ class EngineServer:
                 source=message.source,
                 eager=message.eager,
             )
-            response = await self._engine.infer(request)
-        except asyncio.CancelledError:
-            return  # the front end's caller went away: nobody reads an answer
+            future = self._engine.submit(request)
         except Exception as exc:
-            code, text, retry = error_to_wire(exc)
-            if code == "internal":
-                logger.error("a job failed: %s", text, exc_info=exc)
-            self._outbox.put(peer, ERROR, ErrorMessage(rid, code, text, retry))
-        else:
-            self._outbox.put(peer, RESULT, ResultMessage(rid, response.result, response.timing_ms))
-        finally:
-            self._tasks.pop((peer, rid), None)
+            self._answer_error(peer, message.request_id, exc)
+            return
+        key = (peer, message.request_id)
+        self._jobs[key] = future
+        future.add_done_callback(partial(self._answered, key))
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(STATE_INTERVAL_S)
-            self.publish_state(force=True)
+    def _answered(self, key: tuple[bytes, int], future: asyncio.Future[PoseResponse]) -> None:
+        self._jobs.pop(key, None)
+        if future.cancelled():
+            return  # the front end's caller went away: nobody reads an answer
+        peer, rid = key
+        exc = future.exception()
+        if exc is not None:
+            self._answer_error(peer, rid, exc)
+            return
+        assert self._channel is not None
+        response = future.result()
+        self._channel.put(peer, RESULT, ResultMessage(rid, response.result, response.timing_ms))
+
+    def _answer_error(self, peer: bytes, rid: int, exc: BaseException) -> None:
+        code, text, retry = error_to_wire(exc)
+        if code == "internal":
+            logger.error("a job failed: %s", text, exc_info=exc)
+        assert self._channel is not None
+        self._channel.put(peer, ERROR, ErrorMessage(rid, code, text, retry))

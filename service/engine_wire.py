@@ -5,9 +5,10 @@ Transport: one ZeroMQ ROUTER socket in the engine process, one DEALER per front 
 ``ipc://`` path in the service's private run folder (mode 0700). A message is a
 ``(kind, body, payload)`` triple: the kind (``INFER``, ``CANCEL``, ``HELLO`` from a front end;
 ``RESULT``, ``ERROR``, ``STATE`` from the engine), its body, and for ``INFER`` optionally the
-image's bytes. ``Outbox`` coalesces: every message for one peer queued during one event-loop
-iteration goes as ONE ZeroMQ message (a pickled list), so that under load a send syscall and a
-wake-up of the other side are paid per burst, not per request. Pickle is safe here: both ends
+image's bytes. ``Channel`` runs a socket on the event loop: a burst in is handled as one list,
+and every message for one peer queued during one event-loop iteration goes out as ONE ZeroMQ
+message (a pickled list), so that under load a send syscall and a wake-up of the other side are
+paid per burst, not per request. Pickle is safe here: both ends
 are this service's own processes, started by one parent, on a socket only its user can open;
 nothing a client sent is ever unpickled (bodies hold parsed fields; image bytes are bytes).
 
@@ -27,11 +28,13 @@ import itertools
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import zmq
 
 from model.interfaces import ImageResult, ModelDescription, PoseOptions
 
@@ -130,44 +133,100 @@ def loads(frame: bytes | memoryview) -> Any:
     return pickle.loads(frame)
 
 
-class Outbox:
-    """Messages to send, coalesced per peer and per event-loop iteration.
+class Channel:
+    """One ZeroMQ socket on the event loop: bursts in, coalesced messages out.
+
+    pyzmq's asyncio sockets are not used: they cost a future and a poll per receive. Instead the
+    socket's notification descriptor is watched with ``loop.add_reader`` and every message
+    waiting is read at once (``on_messages(peer, messages)``, once per ZeroMQ message, i.e. per
+    burst the other side sent); sends go out non-blocking. ZeroMQ's descriptor is
+    edge-triggered, and a send may consume its edge, so the socket's ``EVENTS`` are looked at
+    again after every send.
+
+    ``put`` coalesces: every message for one peer queued during one event-loop iteration leaves
+    as ONE ZeroMQ message (a pickled list), so that under load a send and a wake-up of the other
+    side are paid per burst, not per request.
 
     Args:
-        socket: A ROUTER (``routed``: each peer's messages go to that peer) or a DEALER socket
-            (one peer, ``None``) with no send high-water mark, so a send never waits: what is in
-            flight is bounded by the engine's admission, not by the socket.
+        socket: A ROUTER (``routed``: frames are [peer, body]) or a DEALER socket ([body]) of a
+            plain (not asyncio) context, with no send high-water mark, so a send never waits:
+            what is in flight is bounded by the engine's admission, not by the socket.
         routed: Whether the socket is a ROUTER.
+        on_messages: Called on the event loop with the sender (None on a DEALER) and the list
+            of ``(kind, body, payload)`` of one received message. Its exceptions are logged and
+            the rest of the burst is still read.
     """
 
-    def __init__(self, socket: Any, *, routed: bool) -> None:
+    def __init__(
+        self,
+        socket: zmq.Socket[bytes],
+        *,
+        routed: bool,
+        on_messages: Callable[[bytes | None, list[Message]], None],
+    ) -> None:
         self._socket = socket
         self._routed = routed
+        self._on_messages = on_messages
         self._queued: dict[bytes | None, list[Message]] = {}
         self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = socket.fileno()  # the notification descriptor (ZMQ_FD)
+        self._loop.add_reader(self._fd, self._drain)
+        self._loop.call_soon(self._drain)  # anything that came before the reader
 
     def put(self, peer: bytes | None, kind: bytes, body: Any, payload: bytes | None = None) -> None:
         """Queue one message; it leaves at the end of this event-loop iteration."""
         self._queued.setdefault(peer, []).append((kind, body, payload))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Send everything queued, one ZeroMQ message per peer."""
+        """Send everything queued, one ZeroMQ message per peer (a peer gone meanwhile loses its
+        answers: a ROUTER drops them)."""
         self._scheduled = False
+        if self._fd is None:
+            self._queued.clear()
+            return
         queued, self._queued = self._queued, {}
         for peer, messages in queued.items():
-            frames = [peer, dumps(messages)] if self._routed else [dumps(messages)]
-            # Through the asyncio socket (which keeps its read notifications right); it sends
-            # at once. A peer gone meanwhile loses its answers (ROUTER drops them).
-            sent = asyncio.ensure_future(self._socket.send_multipart(frames))
-            sent.add_done_callback(_log_send_error)
+            body = dumps(messages)
+            frames = [peer, body] if peer is not None else [body]
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                logger.warning("%d messages were not sent: %s", len(messages), exc)
+        if self._readable():
+            self._loop.call_soon(self._drain)
 
+    def close(self) -> None:
+        """Send what is queued, stop reading and close the socket."""
+        if self._fd is None:
+            return
+        self.flush()
+        self._loop.remove_reader(self._fd)
+        self._fd = None
+        self._socket.close(linger=0)
 
-def _log_send_error(sent: asyncio.Future[Any]) -> None:
-    if not sent.cancelled() and sent.exception() is not None:
-        logger.warning("messages to another process were not sent: %s", sent.exception())
+    def _readable(self) -> bool:
+        return bool(int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+    def _drain(self) -> None:
+        socket = self._socket
+        while self._fd is not None and self._readable():
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if self._routed:
+                    peer, body = frames
+                    self._on_messages(peer, loads(body))
+                else:
+                    (body,) = frames
+                    self._on_messages(None, loads(body))
+            except Exception:
+                logger.exception("a message from another process was dropped")
 
 
 class ImageFiles:

@@ -23,14 +23,14 @@ import asyncio
 import hashlib
 import hmac
 import importlib.resources
-import json
 import logging
 import math
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+import orjson
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, swagger_ui_default_parameters
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -47,7 +47,14 @@ from service.engine_api import EngineHandle
 from service.errors import ClientClosedError, EngineError, InferenceError, UnauthenticatedError
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import Metrics
-from service.rest_inputs import BatchQuery, InputReader, PoseQuery, RenderQuery, openapi_body
+from service.rest_inputs import (
+    BatchQuery,
+    InputReader,
+    PoseQuery,
+    RenderQuery,
+    openapi_body,
+    parse_query,
+)
 from service.rest_middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
@@ -161,9 +168,10 @@ def create_app(
         code: {"description": text} for code, text in _ERROR_DOCS.items()
     }
 
-    async def pose(request: Request, query: Annotated[PoseQuery, Query()]) -> Response:
+    async def pose(request: Request) -> Response:
         """Estimate the poses in one image: a raw image body, multipart or JSON."""
         started = time.monotonic()
+        query = parse_query(PoseQuery, request)
         job = await reader.read_single(request, query)
         (response,) = await api.run(request, [job])
         return api.json(api.result_dict(response, started, model_info=query.model_info))
@@ -174,7 +182,7 @@ def create_app(
             dependencies=auth,
             response_model=None,
             responses={200: {"model": PoseOut}, **errors},
-            openapi_extra=openapi_body(batch=False),
+            openapi_extra=openapi_body(batch=False, query=PoseQuery),
             include_in_schema=path == "/v1/pose",
             summary="Estimate poses",
         )(pose)
@@ -184,11 +192,12 @@ def create_app(
         dependencies=auth,
         response_class=Response,
         responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}, **errors},
-        openapi_extra=openapi_body(batch=False),
+        openapi_extra=openapi_body(batch=False, query=RenderQuery),
         summary="Draw the poses on the image",
     )
-    async def pose_render(request: Request, query: Annotated[RenderQuery, Query()]) -> Response:
+    async def pose_render(request: Request) -> Response:
         """The image with boxes and skeletons drawn: PNG, or JPEG when ``Accept`` prefers it."""
+        query = parse_query(RenderQuery, request)
         job = await reader.read_single(request, query)
         job.return_image = True  # decoded in the engine's pool, after admission
         (response,) = await api.run(request, [job])
@@ -212,13 +221,14 @@ def create_app(
         dependencies=auth,
         response_model=None,
         responses={200: {"model": BatchOut}, **errors},
-        openapi_extra=openapi_body(batch=True),
+        openapi_extra=openapi_body(batch=True, query=BatchQuery),
         summary="Estimate poses in several images",
     )
-    async def pose_batch(request: Request, query: Annotated[BatchQuery, Query()]) -> Response:
+    async def pose_batch(request: Request) -> Response:
         """Several images (multipart ``image`` parts or a JSON list), one result each, in order;
         the first failing image fails the request and cancels the others."""
         started = time.monotonic()
+        query = parse_query(BatchQuery, request)
         jobs = await reader.read_batch(request, query)
         responses = await api.run(request, jobs)
         results = [api.result_dict(r, started, model_info=query.model_info) for r in responses]
@@ -312,17 +322,20 @@ class _PoseApi:
 
     @staticmethod
     def json(content: Any) -> Response:
-        """A JSON response that refuses NaN and infinities (a bug upstream: 500, not bad JSON)."""
-        try:
-            body = json.dumps(content, allow_nan=False, separators=(",", ":"))
-        except ValueError as exc:
-            logger.error("non-finite number in a response", exc_info=exc)
-            raise InferenceError("the result held a non-finite number") from exc
-        return Response(body.encode(), media_type="application/json")
+        """A JSON response (orjson: a tenth of the standard encoder's time). Non-finite numbers
+        never get here: ``_persons`` refuses them (orjson would write null)."""
+        return Response(orjson.dumps(content), media_type="application/json")
 
 
 def _persons(result: ImageResult) -> list[dict[str, Any]]:
+    """The persons as JSON.
+
+    Raises:
+        InferenceError: A number is NaN or infinite (a bug upstream: 500, not bad JSON); one sum
+            over each person's numbers finds it (a sum of finite numbers this small is finite).
+    """
     out = []
+    total = 0.0
     for person in result.persons:
         entry: dict[str, Any] = {
             "bbox": list(person.bbox),
@@ -330,9 +343,16 @@ def _persons(result: ImageResult) -> list[dict[str, Any]]:
             "score": person.score,
             "keypoints": [list(point) for point in person.keypoints],
         }
+        total += sum(person.bbox) + person.bbox_score + person.score
+        total += sum(map(sum, person.keypoints))
         if person.sigmas is not None:
             entry["sigmas"] = [list(sigma) for sigma in person.sigmas]
+            total += sum(map(sum, person.sigmas))
         out.append(entry)
+    if not math.isfinite(total):
+        error = InferenceError("the result held a non-finite number")
+        logger.error("non-finite number in a response", exc_info=error)
+        raise error
     return out
 
 

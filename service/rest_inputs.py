@@ -204,8 +204,9 @@ class InputReader:
             )
 
 
-def openapi_body(*, batch: bool) -> dict[str, Any]:
-    """The documented ways in: JSON, multipart and, for one image, a raw image body."""
+def openapi_body(*, batch: bool, query: type[BaseModel]) -> dict[str, Any]:
+    """The documented ways in (JSON, multipart and, for one image, a raw image body) and the
+    query parameters ``query`` parses (``parse_query``)."""
     schema = PoseJsonIn.model_json_schema()
     options = {k: v for k, v in schema["properties"].items() if k not in ("image", "boxes")}
     binary = {"type": "string", "format": "binary"}
@@ -228,7 +229,10 @@ def openapi_body(*, batch: bool) -> dict[str, Any]:
     }
     if not batch:
         content |= {media: {"schema": binary} for media in RAW_MEDIA_TYPES}
-    return {"requestBody": {"required": True, "content": content}}
+    return {
+        "parameters": query_parameters(query),
+        "requestBody": {"required": True, "content": content},
+    }
 
 
 def media_type(request: Request) -> str:
@@ -283,6 +287,37 @@ def _parse_json(data: bytes | str, code: str, what: str) -> Any:
         raise InvalidRequestError(code, f"{what} is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(code, f"{what} is not valid JSON: {str(exc)[:200]}") from exc
+
+
+def parse_query(model: type[_M], request: Request) -> _M:
+    """The query parameters as ``model`` (a repeated parameter keeps its last value, as FastAPI
+    does), or a 422 whose locations start with ``"query"``.
+
+    Parsed here rather than by a FastAPI ``Query()`` model parameter: FastAPI re-inspects the
+    model's annotations on every request, which cost more than the rest of a small request's
+    parsing together (issue 16's profile). ``query_parameters`` documents them.
+    """
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("query", *error["loc"])} for error in errors]
+        ) from exc
+
+
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """``model``'s fields as OpenAPI query parameters (what FastAPI writes for a ``Query()``
+    model), for ``openapi_extra``."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field in schema["properties"].items():
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": field}
+        if "description" in field:
+            parameter["description"] = field["description"]
+        parameters.append(parameter)
+    return parameters
 
 
 def _model_of(model: type[_M], data: Any) -> _M:

@@ -64,20 +64,21 @@ def check_image(image: torch.Tensor) -> None:
         raise InvalidRequestError("bad_image", f"image is empty: {tuple(image.shape)}")
 
 
+_PRECISIONS = get_args(Precision)
+_FLAGS = tuple(f.name for f in fields(PoseOptions) if f.name != "precision")
+
+
 def check_options(options: PoseOptions) -> None:
     """Booleans must be booleans and the precision one of ``Precision``."""
-    for f in fields(options):
-        value = getattr(options, f.name)
-        if f.name == "precision":
-            if value not in get_args(Precision):
-                raise InvalidRequestError(
-                    "bad_options",
-                    f"precision must be one of {list(get_args(Precision))}, got {value!r}",
-                )
-        elif not isinstance(value, bool):
-            raise InvalidRequestError(
-                "bad_options", f"{f.name} must be true or false, got {value!r}"
-            )
+    if options.precision not in _PRECISIONS:
+        raise InvalidRequestError(
+            "bad_options",
+            f"precision must be one of {list(_PRECISIONS)}, got {options.precision!r}",
+        )
+    for name in _FLAGS:
+        value = getattr(options, name)
+        if value is not True and value is not False:
+            raise InvalidRequestError("bad_options", f"{name} must be true or false, got {value!r}")
 
 
 def parse_boxes(boxes: Any, limits: RequestLimits) -> torch.Tensor:
@@ -124,13 +125,19 @@ def _too_many(count: int, limits: RequestLimits) -> InvalidRequestError:
 def _check_box(index: int, box: Any, limits: RequestLimits) -> list[float]:
     """One box -> [x, y, w, h, score] floats, or InvalidRequestError naming ``index``."""
     where = f"box {index}"
-    if not isinstance(box, Sequence) or isinstance(box, str | bytes) or len(box) not in (4, 5):
+    sequence = type(box) is list or type(box) is tuple  # (the common cases, without an ABC check)
+    sequence = sequence or (isinstance(box, Sequence) and not isinstance(box, str | bytes))
+    if not sequence or len(box) not in (4, 5):
         raise InvalidRequestError(
             "bad_boxes", f"{where}: expected [x, y, w, h] or [x, y, w, h, score]"
         )
     values: list[float] = []
     for value in box:
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        if type(value) is float:  # the common case, without the checks below
+            if math.isfinite(value) and abs(value) <= MAX_BOX_COORD:
+                values.append(value)
+                continue
+        elif isinstance(value, bool) or not isinstance(value, int | float | np.number):
             raise InvalidRequestError("bad_boxes", f"{where}: {_short(value)} is not a number")
         try:
             number = float(value)
