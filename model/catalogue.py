@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from model.interfaces import Detector, PoseModel
+from model.interfaces import Detector, PoseModel, RoiFinder
 
 Role = Literal["pose", "detector"]
 # Where a model's weights come from:
@@ -81,6 +81,8 @@ class ModelSpec:
         min_person_score: Pose models: detector persons whose instance score is not above this
             are dropped (None: all are answered). 0 drops boxes where no keypoint scores above
             0.2, which for a model whose scores are probabilities of being seen means no one.
+        rois: Pose models: the reference network that places each box's crop (``RoiFinder``,
+            loaded from the same cache as the model; None: the box padded by the model's padding).
     """
 
     name: str
@@ -95,6 +97,7 @@ class ModelSpec:
     licence: str
     dedup_oks: float | None = None
     min_person_score: float | None = None
+    rois: str | None = None
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -133,6 +136,20 @@ def _reference_pose(name: str) -> PoseBuilder:
         return load_pose_model(name, device=device, cache_dir=cache_dir_of(name, weights))
 
     return build
+
+
+def build_rois(name: str, weights: str | None, device: str | torch.device = "cpu") -> RoiFinder:
+    """The ``ModelSpec.rois`` finder of the pose model ``name``, from the cache of its ``weights``.
+
+    Raises:
+        KeyError: the model has none.
+    """
+    spec = spec_of(name, "pose")
+    if spec.rois is None:
+        raise KeyError(f"{name} has no ROI finder")
+    from model.reference import load_body_rois
+
+    return load_body_rois(spec.rois, device=device, cache_dir=cache_dir_of(name, weights))
 
 
 def _identity(weights: str | None, device: str | torch.device) -> PoseModel:
@@ -211,12 +228,16 @@ CATALOGUE: dict[str, ModelSpec] = {
         weights="cache",
         weights_required=False,
         default_weights=None,
-        input_spec="256x256 RGB crop (padding 1.5), [0, 1] pixels; 33 points mapped to COCO-17",
+        input_spec="256x256 RGB crop, [0, 1] pixels, edge pixels beyond the image: the rotated "
+        "body ROI of BlazePose's pose detector where it finds the box's person, else the box "
+        "padded 1.5; 33 points mapped to COCO-17",
         detector_settings=(),
-        source="BlazePose GHUM full: pose_landmark_full.tflite in mediapipe==0.10.21 (PyPI)",
+        source="BlazePose GHUM full: pose_landmark_full.tflite and pose_detection.tflite in "
+        "mediapipe==0.10.21 (PyPI)",
         licence="Apache-2.0",
         dedup_oks=DEDUP_OKS,
         min_person_score=0.0,
+        rois="blazepose_detector",
     ),
     # No network: answers the caller's boxes with zero keypoints, to measure the serving path.
     "identity": ModelSpec(

@@ -1,12 +1,12 @@
 """A feed-forward convolution graph as a plain ``torch.nn.Module``.
 
-The two foreign model files of the reference models (BlazePose's ``.tflite`` flatbuffer and the
-SSDLite person detector's frozen TensorFlow ``GraphDef``) are converted into this one small form:
-an ordered list of nodes (convolution, add, pooling, padding, bilinear resize, reshape, concat,
-activations) over numbered values, plus named parameters. It is also the form cached on disk: the
-node list goes into a JSON document (``GraphSpec.to_json``), the parameters into a safetensors file,
-and ``ConvGraph(spec)`` + ``load_state_dict(strict=True)`` rebuilds the module without the original
-file or its runtime.
+The foreign model files of the reference models (the ``.tflite`` flatbuffers of BlazePose and its
+pose detector, the SSDLite person detector's frozen TensorFlow ``GraphDef``) are converted into this
+one small form: an ordered list of nodes (convolution, add, pooling, padding, bilinear resize,
+depth-to-space, reshape, concat, activations) over numbered values, plus named parameters. It is
+also the form cached on disk: the node list goes into a JSON document (``GraphSpec.to_json``), the
+parameters into a safetensors file, and ``ConvGraph(spec)`` + ``load_state_dict(strict=True)``
+rebuilds the module without the original file or its runtime.
 
 Layout: every 4-D value is NCHW (TensorFlow's NHWC is converted when a graph is read: weights are
 transposed, axes remapped); ``reshape`` nodes say whether their input was NHWC in the original graph
@@ -31,6 +31,7 @@ OPS = (
     "max_pool2d",
     "pad",
     "resize_bilinear",
+    "depth_to_space",
     "reshape",
     "concat",
     "squeeze",
@@ -50,6 +51,7 @@ class GraphNode:
         add: activation.  max_pool2d: kernel [kh, kw], stride [sh, sw], padding ("same" | "valid").
         pad: pads in ``F.pad`` order for NCHW [left, right, top, bottom, c_before, c_after].
         resize_bilinear: size [h, w], align_corners, half_pixel_centers (TensorFlow's flags).
+        depth_to_space: block_size (TensorFlow's DCR channel order, not ``F.pixel_shuffle``'s CRD).
         reshape: shape (without the batch dimension), nhwc (bool: permute NCHW -> NHWC first).
         concat: dim.  squeeze: dim.  sigmoid / relu / relu6: none.
     """
@@ -264,6 +266,13 @@ class GraphOp(nn.Module):
                 align_corners=a["align_corners"],
                 half_pixel_centers=a["half_pixel_centers"],
             )
+        if op == "depth_to_space":
+            # TF: out[n, h*b + i, w*b + j, c] = in[n, h, w, (i*b + j)*C + c]; (N, b*b*C, H, W) ->
+            # (N, b, b, C, H, W) -> (N, C, H, b, W, b) -> (N, C, H*b, W*b)
+            x, b = xs[0], int(a["block_size"])
+            n, c, h, w = x.shape
+            x = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+            return x.reshape(n, c // (b * b), h * b, w * b)
         if op == "reshape":
             x = xs[0].permute(0, 2, 3, 1) if a["nhwc"] else xs[0]
             return x.reshape(x.shape[0], *a["shape"])

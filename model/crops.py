@@ -11,7 +11,7 @@ for all boxes at once with tensor operations on the pipeline's device:
 * ``warp_crops``: one gather over all boxes that reproduces ``cv2.warpAffine(INTER_LINEAR)`` of
   OpenCV 4.x on uint8 bit for bit: the source position is computed in 1/1024 px, rounded to 1/32
   px, and the four pixels are blended with integer weights and rounded back to uint8 (constant-0
-  border).
+  border, or OpenCV's replicated border: MediaPipe's landmark crops).
 * ``normalize_crops``: ``(u8 / 255 - mean) / std`` in float32, mean/std from ``PoseModelInfo``.
 * ``merge_flip``: flip test merge (coordinates flipped back; the official score quirk by default).
 * ``decode_keypoints``: [0, 1] crop coordinates -> image pixels, the inverse of the warp.
@@ -326,20 +326,23 @@ def warp_crops(
     image_index: torch.Tensor,
     crop_to_image: torch.Tensor,
     input_size: tuple[int, int],
+    border: str = "constant",
 ) -> torch.Tensor:
     """Bilinear crops of all boxes at once, equal to OpenCV 4.x ``warpAffine`` INTER_LINEAR (uint8).
 
     OpenCV evaluates the inverse map in fixed point (``_fixed_point``: 1/1024 px, then 1/32 px),
     blends the four neighbours with weights ``(32 - fx)(32 - fy)`` etc. (sum 1024) and rounds half
-    up to uint8; pixels outside the image count as 0 (``BORDER_CONSTANT``). Every step is reproduced
-    (the blend runs in float32, where all these integers are exact), so the crops equal the official
-    ones bit for bit. Four gathers over all boxes; no per-box loop, no host round trip.
+    up to uint8; pixels outside the image count as 0 (``BORDER_CONSTANT``) or as the nearest edge
+    pixel (``BORDER_REPLICATE``: each tap's row and column clamped into the image). Every step is
+    reproduced (the blend runs in float32, where all these integers are exact), so the crops equal
+    the official ones bit for bit. Four gathers over all boxes; no per-box loop, no host round trip.
 
     Args:
         packed: the images (see ``pack_images``).
         image_index: (N,) int64 image of each box, into ``packed``.
         crop_to_image: (N, 2, 3) float64 crop -> image maps (``crop_to_image_affine``).
         input_size: crop (W, H).
+        border: "constant" (zeros, mmpose's crops) or "replicate" (MediaPipe's landmark crops).
 
     Returns:
         (N, 3, H, W) uint8 crops on the device of ``packed``.
@@ -358,11 +361,16 @@ def warp_crops(
     img_w = packed.sizes[idx, 1].view(n, 1, 1)
     stride = packed.strides[idx].view(n, 1, 1)
     origin = packed.origins[idx].view(n, 1, 1)
-    # clamp into the zero border: a tap outside the image lands on a 0 pixel
-    xa = torch.minimum(x0.clamp(min=-1), img_w)
-    xb = torch.minimum((x0 + 1).clamp_(min=-1), img_w)
-    row_a = torch.minimum(y0.clamp(min=-1), img_h) * stride + origin
-    row_b = torch.minimum((y0 + 1).clamp_(min=-1), img_h) * stride + origin
+    if border == "constant":  # clamp into the zero border: a tap outside lands on a 0 pixel
+        low, high_w, high_h = -1, img_w, img_h
+    elif border == "replicate":  # clamp into the image: a tap outside reads the edge pixel
+        low, high_w, high_h = 0, img_w - 1, img_h - 1
+    else:
+        raise ValueError(f"unknown border {border!r}: 'constant' or 'replicate'")
+    xa = torch.minimum(x0.clamp(min=low), high_w)
+    xb = torch.minimum((x0 + 1).clamp_(min=low), high_w)
+    row_a = torch.minimum(y0.clamp(min=low), high_h) * stride + origin
+    row_b = torch.minimum((y0 + 1).clamp_(min=low), high_h) * stride + origin
 
     def tap(pos: torch.Tensor) -> torch.Tensor:
         # (3, N*H*W) float32 pixel values

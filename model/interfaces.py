@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 
 from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
+
+if TYPE_CHECKING:
+    from model.crops import PackedImages
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -34,6 +37,9 @@ class PoseModelInfo:
     # Whether a keypoint that lands outside the image scores 0: true for a model whose scores are
     # probabilities of being seen (BlazePose); false keeps a model's raw scores (DistilPose parity).
     zero_out_of_frame: bool = False
+    # What a crop shows outside the image (``model.crops.warp_crops``): "constant" zeros
+    # (mmpose's crops, DistilPose parity) or "replicate" (MediaPipe's landmark crops, BlazePose).
+    border: str = "constant"
 
     @property
     def aspect(self) -> float:
@@ -74,6 +80,38 @@ class Detector(Protocol):
 
     def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Return per image an (M, 5) float32 tensor of [x, y, w, h, score] in pixels, by score."""
+        ...
+
+
+@dataclass
+class Rois:
+    """Rotated square crops for the pose model, in image pixels, one per person box.
+
+    centers: (N, 2) (x, y).
+    sides: (N,) side length.
+    rotations: (N,) degrees, with the sign of ``model.crops.crop_to_image_affine``.
+    found: (N,) bool: a ROI was found for the box (else its row is meaningless and the box's own
+        crop is used).
+    scores: (N,) confidence of each ROI (0 where none was found).
+    """
+
+    centers: torch.Tensor
+    sides: torch.Tensor
+    rotations: torch.Tensor
+    found: torch.Tensor
+    scores: torch.Tensor
+
+
+@runtime_checkable
+class RoiFinder(Protocol):
+    """Places the pose model's crop for each person box (e.g. ``model.pose_detector.BodyRois``)."""
+
+    name: str
+
+    def __call__(
+        self, packed: PackedImages, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> Rois:
+        """boxes (N, >=4) [x, y, w, h, ...] px of images ``image_index`` (N,) -> N ROIs."""
         ...
 
 

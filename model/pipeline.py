@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from model import crops
-from model.catalogue import CATALOGUE, build_detector, build_pose_model
+from model.catalogue import CATALOGUE, build_detector, build_pose_model, build_rois
 from model.interfaces import (
     BatchStats,
     Detector,
@@ -59,6 +59,7 @@ from model.interfaces import (
     PoseModel,
     PoseOptions,
     Precision,
+    RoiFinder,
 )
 from model.keypoints import COCO_KEYPOINT_NAMES, COCO_OKS_SIGMAS, flip_indices
 
@@ -103,6 +104,9 @@ class TopDownPipeline:
         min_person_score: drop a detector person whose instance score is not above this
             (``ModelSpec.min_person_score``: 0 drops a box where no keypoint scores above the
             rescoring's 0.2); None answers every detector box.
+        rois: places the pose model's crop of each box (``ModelSpec.rois``: BlazePose's pose
+            detector), where it finds one; None (and boxes it finds nothing for) crop the box
+            padded by ``info.padding``.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class TopDownPipeline:
         max_crops_per_batch: int = 256,
         dedup_oks: float | None = None,
         min_person_score: float | None = None,
+        rois: RoiFinder | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -127,6 +132,7 @@ class TopDownPipeline:
         self.max_crops_per_batch = max(1, int(max_crops_per_batch))
         self.dedup_oks = dedup_oks
         self.min_person_score = min_person_score
+        self.rois = rois
         self.info = pose_model.info
         names = self.info.keypoint_names
         self._flip_index = torch.tensor(flip_indices(names), dtype=torch.int64, device=self.device)
@@ -361,8 +367,19 @@ class TopDownPipeline:
         centers, scales = crops.boxes_to_center_scale(
             boxes, info.aspect, info.padding, info.pixel_std
         )
-        to_image = crops.crop_to_image_affine(centers, scales, info.input_size, info.pixel_std)
-        pixels = crops.warp_crops(packed, image_index, to_image, info.input_size)  # (n, 3, H, W)
+        # the person's area for OKS comparisons: its box's padded crop, wherever the crop goes
+        size = scales * info.pixel_std
+        area = (size[:, 0] * size[:, 1]).float()
+        rotations = None
+        if self.rois is not None:
+            centers, scales, rotations = self._roi_crops(
+                packed, image_index, boxes, centers, scales
+            )
+        to_image = crops.crop_to_image_affine(
+            centers, scales, info.input_size, info.pixel_std, rotations
+        )
+        # (n, 3, H, W)
+        pixels = crops.warp_crops(packed, image_index, to_image, info.input_size, info.border)
         x = crops.normalize_crops(pixels, info.mean, info.std)
         if flip:
             x = torch.cat((x, x.flip(3)))  # one forward for both passes
@@ -376,7 +393,9 @@ class TopDownPipeline:
             )
         coords = torch.nan_to_num(coords, nan=0.0, posinf=0.0, neginf=0.0)
         scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
-        xy = crops.decode_keypoints(coords, centers, scales, info.input_size, info.pixel_std)
+        xy = crops.decode_keypoints(
+            coords, centers, scales, info.input_size, info.pixel_std, rotations
+        )
         if info.zero_out_of_frame:
             height_width = packed.sizes[image_index].to(xy.dtype)  # (n, 2) (H, W)
             inside = (xy >= 0).all(-1) & (xy < height_width.flip(-1).unsqueeze(1)).all(-1)
@@ -386,8 +405,6 @@ class TopDownPipeline:
         else:
             sig = torch.zeros((n, k, 2), device=xy.device)
         instance = crops.instance_scores(scores, boxes[:, 4], VIS_THRESHOLD)
-        size = scales * info.pixel_std
-        area = (size[:, 0] * size[:, 1]).float()
         return torch.cat(
             (
                 torch.cat((xy, scores.unsqueeze(-1)), dim=-1).flatten(1),  # (n, 3K)
@@ -397,6 +414,32 @@ class TopDownPipeline:
                 boxes,
             ),
             dim=1,
+        )
+
+    def _roi_crops(
+        self,
+        packed: crops.PackedImages,
+        image_index: torch.Tensor,
+        boxes: torch.Tensor,
+        centers: torch.Tensor,
+        scales: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The crops ``self.rois`` places: (n, 2) centres, (n, 2) scales, (n,) rotations in
+        degrees; a box without a ROI keeps its own centre and scale, unrotated."""
+        assert self.rois is not None
+        info = self.info
+        rois = self.rois(packed, image_index, boxes)
+        found = rois.found.to(centers.device)
+        side = rois.sides.to(centers.device, torch.float32).unsqueeze(1)  # (n, 1)
+        # the square ROI as a box, grown to the crop's aspect with no further padding
+        roi_boxes = torch.cat((rois.centers.to(centers.device) - side / 2, side, side), dim=1)
+        roi_centers, roi_scales = crops.boxes_to_center_scale(
+            roi_boxes, info.aspect, 1.0, info.pixel_std
+        )
+        return (
+            torch.where(found.unsqueeze(1), roi_centers, centers),
+            torch.where(found.unsqueeze(1), roi_scales, scales),
+            torch.where(found, rois.rotations.to(centers.device).double(), 0.0),
         )
 
     def _autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -530,6 +573,9 @@ def build_pipeline(
         cache = default_cache_dir() if cache_dir is None else cache_dir
         pose, det = apply_backend(pose, det, backend=backend, device=device, cache_dir=cache)
     spec = CATALOGUE.get(model) if model is not None else None
+    rois = None
+    if spec is not None and spec.rois is not None:
+        rois = build_rois(spec.name, weights, device)
     return TopDownPipeline(
         pose,
         det,
@@ -537,4 +583,5 @@ def build_pipeline(
         max_crops_per_batch=max_crops_per_batch,
         dedup_oks=None if spec is None else spec.dedup_oks,
         min_person_score=None if spec is None else spec.min_person_score,
+        rois=rois,
     )

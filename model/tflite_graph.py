@@ -1,10 +1,12 @@
 """Read a TensorFlow Lite flatbuffer (``.tflite``) into a ``ConvGraph`` without a TFLite runtime.
 
 Uses the pure-Python ``tflite`` package (generated flatbuffer accessors) to walk the first subgraph.
-Supported builtin ops are those of the float conv nets converted here (BlazePose): CONV_2D,
-DEPTHWISE_CONV_2D, ADD, MAX_POOL_2D, PAD, RESIZE_BILINEAR, RESHAPE, LOGISTIC, CONCATENATION, RELU,
-RELU6, and DEQUANTIZE of constant float16 weights (resolved to float32 at conversion). Anything else
-(quantised tensors, custom ops, control flow) raises ``ValueError``: a conversion is exact or fails.
+Supported builtin ops are those of the float conv nets converted here (BlazePose and its pose
+detector): CONV_2D, DEPTHWISE_CONV_2D, ADD, MAX_POOL_2D, PAD, RESIZE_BILINEAR, DEPTH_TO_SPACE,
+RESHAPE, LOGISTIC, CONCATENATION, RELU, RELU6, and on constants DENSIFY (sparse weights, e.g. the
+pose detector's pruned 1x1 convolutions) and DEQUANTIZE of float16 weights, both resolved at
+conversion. Anything else (quantised tensors, block-sparse weights, custom ops, control flow) raises
+``ValueError``: a conversion is exact or fails.
 
 Layout: TFLite tensors are NHWC; the graph is built NCHW. Conv weights OHWI -> OIHW, depthwise
 weights 1HW(C*M) -> (C*M)1HW with ``groups = C``, PAD/CONCATENATION axes are remapped, RESHAPE of a
@@ -37,6 +39,81 @@ def _numpy_dtype(tensor_type: int) -> np.dtype:
     if tensor_type not in table:
         raise ValueError(f"unsupported TFLite tensor type {tensor_type}")
     return table[tensor_type]
+
+
+def _index_vector(kind: int, table: Any) -> np.ndarray:
+    """The values of a ``SparseIndexVector`` union member, as int64."""
+    import tflite
+
+    classes = {
+        tflite.SparseIndexVector.Int32Vector: tflite.Int32Vector,
+        tflite.SparseIndexVector.Uint16Vector: tflite.Uint16Vector,
+        tflite.SparseIndexVector.Uint8Vector: tflite.Uint8Vector,
+    }
+    if kind not in classes or table is None:
+        raise ValueError(f"unsupported sparse index vector type {kind}")
+    vector = classes[kind]()
+    vector.Init(table.Bytes, table.Pos)
+    return np.asarray(vector.ValuesAsNumpy(), dtype=np.int64)
+
+
+def densify(values: np.ndarray, shape: list[int], sparsity: Any) -> np.ndarray:
+    """A TFLite sparse constant as a dense array (TFLite's ``FormatConverter::SparseToDense``).
+
+    Every dimension, taken in the tensor's traversal order, is DENSE (all ``dense_size`` indices)
+    or SPARSE_CSR (the indices ``array_indices[segments[p]:segments[p + 1]]`` of parent position
+    ``p``); the stored values follow the traversal, one per leaf. Block sparsity (a block map) is
+    not supported.
+
+    Args:
+        values: (nnz,) the stored values, in traversal order.
+        shape: the dense shape.
+        sparsity: the tensor's ``tflite.SparsityParameters``.
+
+    Returns:
+        The dense array of ``shape``, zeros where nothing is stored.
+
+    Raises:
+        ValueError: block sparsity, an unknown dimension format, or values that do not fit.
+    """
+    import tflite
+
+    rank = len(shape)
+    order = [int(i) for i in sparsity.TraversalOrderAsNumpy()] if rank else []
+    if sparsity.BlockMapLength():
+        raise ValueError("block-sparse tensors are not supported")
+    if sorted(order) != list(range(rank)) or sparsity.DimMetadataLength() != rank:
+        raise ValueError("sparse tensor: expected one traversal index and metadata per dimension")
+    coords = np.zeros((1, 0), dtype=np.int64)  # (P, level) indices of the positions so far
+    parent = np.zeros(1, dtype=np.int64)  # (P,) position of each in its level's numbering
+    for level in range(rank):
+        meta = sparsity.DimMetadata(level)
+        if meta.Format() == tflite.DimensionType.DENSE:
+            size = int(meta.DenseSize())
+            if size != shape[order[level]]:
+                raise ValueError(f"sparse tensor: dense size {size} != {shape[order[level]]}")
+            coords = np.concatenate(
+                (np.repeat(coords, size, axis=0), np.tile(np.arange(size), len(parent))[:, None]),
+                axis=1,
+            )
+            parent = (parent[:, None] * size + np.arange(size)).reshape(-1)
+        elif meta.Format() == tflite.DimensionType.SPARSE_CSR:
+            segments = _index_vector(meta.ArraySegmentsType(), meta.ArraySegments())
+            indices = _index_vector(meta.ArrayIndicesType(), meta.ArrayIndices())
+            counts = segments[parent + 1] - segments[parent]
+            # the stored positions of every parent, in order: segments[p] .. segments[p + 1] - 1
+            parent = np.concatenate(
+                [np.arange(segments[p], segments[p + 1]) for p in parent.tolist()]
+                or [np.zeros(0, dtype=np.int64)]
+            )
+            coords = np.concatenate((np.repeat(coords, counts, axis=0), indices[parent, None]), 1)
+        else:
+            raise ValueError(f"unsupported sparse dimension format {meta.Format()}")
+    if len(coords) != values.size or (coords >= np.array([shape[d] for d in order])).any():
+        raise ValueError(f"sparse tensor: {values.size} values for {len(coords)} positions")
+    dense = np.zeros([shape[d] for d in order], dtype=values.dtype)
+    dense[tuple(coords.T)] = values.reshape(-1)
+    return dense.transpose(np.argsort(order))
 
 
 def _options(op: Any, cls: Any) -> Any:
@@ -84,7 +161,10 @@ def read_tflite(data: bytes, outputs: dict[str, str]) -> tuple[GraphSpec, dict[s
         if buffer is None or buffer.DataLength() == 0:
             return None
         raw = buffer.DataAsNumpy().tobytes()
-        return np.frombuffer(raw, dtype=_numpy_dtype(tensor.Type())).reshape(tensor_shape(index))
+        values = np.frombuffer(raw, dtype=_numpy_dtype(tensor.Type()))
+        if tensor.Sparsity() is not None:  # resolved by its DENSIFY op
+            return values
+        return values.reshape(tensor_shape(index))
 
     if graph.InputsLength() != 1:
         raise ValueError("expected a single graph input")
@@ -123,7 +203,12 @@ def read_tflite(data: bytes, outputs: dict[str, str]) -> tuple[GraphSpec, dict[s
         name = op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
         ins = [int(i) for i in op.InputsAsNumpy()]
         out = int(op.OutputsAsNumpy()[0])
-        if name == "DEQUANTIZE":
+        if name == "DENSIFY":
+            sparsity = graph.Tensors(ins[0]).Sparsity()
+            if sparsity is None:
+                raise ValueError(f"DENSIFY of a dense tensor {tensor_name(ins[0])!r}")
+            consts[out] = densify(const_of(ins[0]), tensor_shape(ins[0]), sparsity)
+        elif name == "DEQUANTIZE":
             consts[out] = const_of(ins[0]).astype(np.float32)
         elif name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             spatial(ins[0])
@@ -192,6 +277,10 @@ def read_tflite(data: bytes, outputs: dict[str, str]) -> tuple[GraphSpec, dict[s
                 "half_pixel_centers": bool(opts.HalfPixelCenters()),
             }
             emit(out, "resize_bilinear", ins[:1], attrs, "nchw")
+        elif name == "DEPTH_TO_SPACE":
+            spatial(ins[0])
+            block = _options(op, tflite.DepthToSpaceOptions).BlockSize()
+            emit(out, "depth_to_space", ins[:1], {"block_size": int(block)}, "nchw")
         elif name == "RESHAPE":
             shape = tensor_shape(out)
             nhwc = layout[value_of[ins[0]]] == "nchw"

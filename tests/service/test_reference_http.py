@@ -2,11 +2,12 @@
 uvicorn server, the real engine and the CPU pipeline, on COCO image 785 (CC BY 2.0, tests/assets).
 
 Accuracy is checked the way COCO does (pycocotools OKS against the image's annotation). Measured
-on CPU with the service defaults (flip test on, padding 1.5, one pass): OKS 0.904 with the
-annotated box sent as caller box, 0.915 with the detector's own box; the bounds below leave a
-0.05 margin for other CPUs, torch versions and JPEG decoders. On the 12 annotated persons of the
-four COCO samples (not committable) the same path gives mean OKS 0.758 with ground-truth boxes and
-0.582 with the detector's boxes (README "Reference models").
+on CPU with the service defaults (flip test on, one pass, crops placed by BlazePose's pose
+detector): OKS 0.917 with the annotated box sent as caller box, 0.917 with the detector's own box
+(0.904 and 0.915 with box-centred crops); the bounds below leave a margin for other CPUs, torch
+versions and JPEG decoders. On the 12 annotated persons of the four COCO samples (not committable)
+the same path gives mean OKS 0.791 with ground-truth boxes and 0.758 with the detector's boxes
+(``test_reference_oks_shared.py``).
 
 Skipped without the converted models in the cache (``pose-service models fetch``).
 """
