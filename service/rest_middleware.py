@@ -210,7 +210,9 @@ class BodyLimitMiddleware:
             if deadline is None:
                 deadline = time.monotonic() + self.body_timeout_s
             try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+                # (asyncio.timeout, not wait_for: no task per receive)
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
             except TimeoutError:
                 raise EngineError(
                     f"the request body did not arrive within {self.body_timeout_s:g} s",
