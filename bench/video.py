@@ -12,6 +12,8 @@ Measured:
   through its frame's crop window and matched to a COCO ground-truth person (IoU >= 0.3); a switch
   is a ground-truth person whose track id changes from one matched frame to the next;
 - **detector share**: frames the detector ran on / frames;
+- **ids over cuts** on the slideshow: track ids answered on frames of more than one photo, and the
+  cuts the tracker saw (``cut_scores``);
 - **keypoint drift**: mean distance (px, frame pixels) between the keypoints (both scored above
   0.2) of the same ground-truth person with ``detect_every`` N and with 1;
 - what bounds the drift: the **jitter** of each run (mean distance between a ground-truth person's
@@ -214,6 +216,7 @@ class ClipRun:
     detector_ran: list[bool]
     latencies_s: list[float]
     seconds: float
+    cuts: int = 0  # scene cuts the tracker saw
 
 
 async def track_clip(
@@ -250,7 +253,7 @@ async def track_clip(
                 for tid, p in zip(frame.track_ids, frame.response.result.persons, strict=True)
             ]
         )
-    return ClipRun(persons, ran, latencies, time.monotonic() - t0)
+    return ClipRun(persons, ran, latencies, time.monotonic() - t0, tracker.cuts)
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -308,6 +311,34 @@ def keypoint_drift(
             good = (a[:, 2] > 0.2) & (b[:, 2] > 0.2)
             distances.extend(np.hypot(*(a[good, :2] - b[good, :2]).T).tolist())
     return float(np.mean(distances)) if distances else float("nan")
+
+
+def cut_scores(run: ClipRun, which: Sequence[int]) -> dict[str, int]:
+    """How a slideshow's ids fare over its cuts (``which``: each frame's photo).
+
+    Returns:
+        ``cuts``: photo changes; ``cuts_seen``: cuts the tracker reported;
+        ``ids_carried_across_cuts``: cuts after which, on the first frame the detector ran, an id
+        of the frame before the cut is answered; ``ids_on_two_photos``: track ids answered on
+        frames of more than one photo (a track of one photo found again on any later frame).
+    """
+    cuts = [i for i in range(1, len(which)) if which[i] != which[i - 1]]
+    carried = 0
+    for c in cuts:
+        ran = [i for i in range(c, len(which)) if run.detector_ran[i]]
+        if ran:
+            before = {p[0] for p in run.persons[c - 1]}
+            carried += bool(before & {p[0] for p in run.persons[ran[0]]})
+    photos: dict[int, set[int]] = {}
+    for persons, photo in zip(run.persons, which, strict=True):
+        for track_id, _, _ in persons:
+            photos.setdefault(track_id, set()).add(photo)
+    return {
+        "cuts": len(cuts),
+        "cuts_seen": run.cuts,
+        "ids_carried_across_cuts": carried,
+        "ids_on_two_photos": sum(len(seen) > 1 for seen in photos.values()),
+    }
 
 
 def _to_frame(points: np.ndarray, window: Window) -> np.ndarray:
@@ -459,18 +490,12 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     engine, settings, decoded, TrackOptions(detect_every=every), window=args.window
                 )
                 cuts = [i for i in range(1, len(which)) if which[i] != which[i - 1]]
-                carried = 0  # cuts after which, once the detector ran, an old id is answered
-                for c in cuts:
-                    ran = [i for i in range(c, len(which)) if run.detector_ran[i]]
-                    if ran:
-                        before = {p[0] for p in run.persons[c - 1]}
-                        carried += bool(before & {p[0] for p in run.persons[ran[0]]})
                 rows.append(
                     {
                         "clip": f"slideshow mp4 of {len(slideshow)} COCO photos",
                         "detect_every": every,
                         "frames": len(decoded),
-                        "ids_carried_across_cuts": carried,
+                        **cut_scores(run, which),
                         "detector_share": sum(run.detector_ran) / len(decoded),
                         "detector_within_a_frame_of_each_cut": all(
                             run.detector_ran[c] or run.detector_ran[min(c + 1, len(which) - 1)]
@@ -546,6 +571,7 @@ async def _pan_rows(
                 "detect_every": every,
                 "frames": len(frames),
                 "id_switches": id_switches(run, windows, truth) if every else None,
+                "cuts_seen": run.cuts if every else None,
                 "detector_share": sum(run.detector_ran) / len(frames),
                 "drift_px_vs_every_frame": _finite(keypoint_drift(run, reference, windows, truth)),
                 "jitter_px": _finite(jitter(run, windows, truth)),

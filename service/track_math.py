@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from service.tracking import Smoothing
 
 __all__ = [
+    "BROKEN_OKS",
     "KEYPOINT_MIN_SCORE",
     "STILL",
     "Anchor",
     "OneEuroFilter",
     "ScaleShift",
     "Track",
+    "associate",
     "fit_scale_shift",
     "in_view",
     "iou",
@@ -32,6 +34,7 @@ __all__ = [
     "match",
     "oks",
     "pose_agreement",
+    "pose_agreements",
     "similarity",
     "whole_box",
 ]
@@ -39,6 +42,9 @@ __all__ = [
 # A keypoint counts (for motion fits and OKS) when its raw score is above this: the pipeline's own
 # visibility threshold of the instance rescoring.
 KEYPOINT_MIN_SCORE = 0.2
+# Two poses of one track agreeing less than this (``pose_agreement``) are another pose altogether:
+# the track broke from its motion (a cut, another person in its box).
+BROKEN_OKS = 0.2
 # A point of a scale-and-shift fit missing its fit by more than this many times the median miss
 # (and by more than a pixel) is left out of the second pass.
 _FIT_OUTLIER = 3.0
@@ -128,9 +134,22 @@ def pose_agreement(
         keypoints_b: (K, 3).
         box_b: (4,).
     """
-    terms, counted = _oks_terms(keypoints_a[None], box_a[None], keypoints_b[None], box_b[None])
-    chosen = terms[0, 0][counted[0, 0]]
-    return float(np.median(chosen)) if chosen.size else None
+    agreement = pose_agreements(keypoints_a[None], box_a[None], keypoints_b[None], box_b[None])
+    return None if np.isnan(agreement[0, 0]) else float(agreement[0, 0])
+
+
+def pose_agreements(
+    keypoints_a: np.ndarray, boxes_a: np.ndarray, keypoints_b: np.ndarray, boxes_b: np.ndarray
+) -> np.ndarray:
+    """(A, B) ``pose_agreement`` of every pair, NaN where no keypoint counts; inputs as in
+    ``similarity``."""
+    terms, counted = _oks_terms(keypoints_a, boxes_a, keypoints_b, boxes_b)
+    chosen = np.sort(np.where(counted, terms, np.inf), axis=-1)  # (A, B, K) counted ones first
+    count = counted.sum(-1)[..., None]  # (A, B, 1)
+    # The median of the first ``count`` sorted terms: the mean of the middle two (one when odd).
+    low = np.take_along_axis(chosen, np.maximum(count - 1, 0) // 2, -1)[..., 0]
+    high = np.take_along_axis(chosen, count // 2, -1)[..., 0]
+    return np.where(count[..., 0] > 0, (low + high) / 2, np.nan)
 
 
 def _oks_terms(
@@ -184,6 +203,43 @@ def match(scores: np.ndarray, threshold: float) -> list[tuple[int, int]]:
         return []
     rows, cols = linear_sum_assignment(scores, maximize=True)
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if scores[r, c] >= threshold]
+
+
+def associate(
+    predicted: np.ndarray,
+    boxes: np.ndarray,
+    found: np.ndarray,
+    found_boxes: np.ndarray,
+    pose_only: np.ndarray,
+    threshold: float,
+    size: tuple[int, int],
+) -> tuple[list[tuple[int, int]], list[bool]]:
+    """Tracks to the persons of a frame: the best one-to-one assignment (``match``) over
+    ``similarity``, the rows of ``pose_only`` (tracks that broke) by pose alone: their OKS where
+    the two poses agree at all (``pose_agreement`` over joints in view, at least ``BROKEN_OKS``),
+    else 0.
+
+    Args:
+        predicted: (T, K, 3) the tracks' keypoints moved on to this frame, pixels.
+        boxes: (T, 4) their boxes moved on, x, y, w, h.
+        found: (P, K, 3) the frame's persons.
+        found_boxes: (P, 4).
+        pose_only: (T,) bool.
+        threshold: Least score of a pair.
+        size: (width, height) of the frame.
+
+    Returns:
+        (track, person) pairs, and whether each pair's poses agree (not broken; true where no
+        joint in view tells).
+    """
+    agreement = pose_agreements(  # (T, P), NaN where no joint in view counts in both
+        in_view(predicted, *size), boxes, in_view(found, *size), found_boxes
+    )
+    by_pose = np.where(agreement < BROKEN_OKS, 0.0, oks(predicted, boxes, found, found_boxes))
+    scores = similarity(predicted, boxes, found, found_boxes)
+    scores[pose_only] = by_pose[pose_only]
+    pairs = match(scores, threshold)
+    return pairs, [not agreement[row, col] < BROKEN_OKS for row, col in pairs]
 
 
 def in_view(keypoints: np.ndarray, width: float, height: float) -> np.ndarray:

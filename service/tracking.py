@@ -12,10 +12,21 @@ What it does, and from whom the idea comes:
   the stream's live tracks by the best one-to-one assignment (scipy's ``linear_sum_assignment``)
   over the larger of the keypoints' OKS (COCO sigmas; the track's keypoints moved on by its
   velocity) and the boxes' IoU. A track whose last tracked pose broke from its motion altogether
-  (agreement below 0.2: a cut) keeps its last good pose and matches by OKS alone: at a cut another
-  person may stand in the same box, not in the same pose. A pair below ``match_threshold`` is no
-  match. An unmatched person gets a new id (ids count up from 1 and are never reused within a
-  stream); a track unseen for more than ``max_unseen_frames`` frames is retired.
+  (agreement below 0.2) keeps its last good pose and matches by pose alone (OKS, where the poses
+  agree at all): another person may stand in the same box, not in the same pose. A pair below
+  ``match_threshold`` is no match. An unmatched person gets a new id (ids count up from 1 and are
+  never reused within a stream); a track unseen for more than ``max_unseen_frames`` frames is
+  retired.
+- **Scene cuts** (an edited video, a slideshow): on a new scene the detector finds persons
+  standing where the old ones stood, and IoU would keep their ids. A cut is a frame on which no
+  track goes on (no person matched to a track whose pose agrees with the track's) while something
+  else is there: on a tracked frame, a pose that broke from its track; on a detector frame,
+  persons found where tracks seen on one of the last two frames were expected (the frame after a
+  tracked frame lost them is the detector's). A cut ends every track (the cut frame's persons get
+  new ids; on a tracked frame it answers none, and the detector runs next). One track breaking
+  while others go on is no cut (an occlusion, the pose model's error), nor is a frame where the
+  detector finds nobody. The one signal is the tracks' own: the tracker never sees pixels (a
+  frame may reach the engine still encoded).
 - **Detector skipping** (rtmlib's ``PoseTracker``, MediaPipe's tracking region): with
   ``detect_every`` N > 1 the box of a person in frame t is the detector's last box of it (over
   the whole person: a side on the image's edge reaches over the joints placed beyond it) carried
@@ -57,10 +68,12 @@ from model.interfaces import ImageResult, Person
 from service.engine_api import EngineHandle, PoseRequest, PoseResponse
 from service.errors import InvalidRequestError, NotReadyError
 from service.track_math import (
+    BROKEN_OKS,
     KEYPOINT_MIN_SCORE,
     OneEuroFilter,
     ScaleShift,
     Track,
+    associate,
     fit_scale_shift,
     in_view,
     iou,
@@ -92,9 +105,6 @@ __all__ = [
 MAX_DETECT_EVERY = 1000
 # Two persons of one tracked frame this alike (OKS) are one person: the official OKS-NMS threshold.
 DUPLICATE_OKS = 0.9
-# A tracked pose agreeing less than this (OKS) with its prediction is another pose altogether (a
-# cut): its track keeps the pose before and matches by pose alone.
-_BROKEN_OKS = 0.2
 # Most a tracked box's width or height may change from one frame to the next (x or /): a box
 # feeds the keypoints that make the next box, so an unbounded loop could grow or shrink it away.
 _MAX_SIZE_STEP = 1.15
@@ -253,6 +263,7 @@ class Tracker:
         self._size: tuple[int, int] | None = None  # (width, height) of the last answered frame
         self._previous_done: asyncio.Event | None = None  # set when the previous frame settled
         self.detector_frames = 0  # frames the detector ran on (for tests and benchmarks)
+        self.cuts = 0  # scene cuts seen (for tests and benchmarks)
 
     @property
     def sequential(self) -> bool:
@@ -415,77 +426,16 @@ class Tracker:
         self._size = (result.width, result.height)
         persons = list(result.persons)
         live = [t for t in self._tracks if t.unseen == 0]
-        lost = False
         if tracked:
-            # Person i stands in track i's box; one scoring too low, or a second copy of a
-            # person another track holds, is lost, and the detector looks again next frame.
-            pairs = []
-            order = sorted(range(len(persons)), key=lambda i: -persons[i].score)
-            kept: list[int] = []
-            broken: set[int] = set()  # answered, but their track keeps its last good pose
-            for i in order:
-                track, person = live[i], persons[i]
-                bad = _quality(person) < self.config.min_track_score
-                if not bad and kept:
-                    same = similarity(
-                        _keypoints(person)[None],
-                        np.asarray([person.bbox]),
-                        np.stack([_keypoints(persons[j]) for j in kept]),
-                        np.asarray([persons[j].bbox for j in kept]),
-                    )
-                    bad = bool((same >= DUPLICATE_OKS).any())
-                # Where its motion did not predict it: a cut, an occlusion, the pose model lost.
-                # Nothing says so with no joint in view in both (None), nor for a track seen once
-                # (no motion to predict with).
-                agreement = pose_agreement(
-                    in_view(track.predicted(), *self._size),
-                    np.asarray(track.box),
-                    in_view(_keypoints(person), *self._size),
-                    np.asarray(person.bbox),
-                )
-                if agreement is None or track.sightings < 2:
-                    agreement = 1.0
-                astray = agreement < self.config.min_track_oks
-                broke = agreement < _BROKEN_OKS
-                # No detector run for a person leaving the view (nothing is there to find), nor
-                # for one on the first frame after the detector found it, unless its pose broke
-                # altogether: its box is then the detector's own moved on one frame, a fresh
-                # look would find the same box, and a poor pose in it is the pose model's limit
-                # (a person it barely sees), not the tracker's.
-                excused = track.leaving or (track.since_anchor == 0 and not broke)
-                if bad or (astray and track.leaving):
-                    lost = lost or not excused
-                    continue
-                kept.append(i)
-                pairs.append((i, i))
-                if astray:  # kept, and the detector checks next frame
-                    lost = lost or not excused
-                    if broke:
-                        broken.add(i)
             tracks = live
+            pairs, broken, lost, cut = self._match_tracked(persons, live)
         else:
             tracks = [t for t in self._tracks if t.unseen <= self.config.max_unseen_frames]
-            shifts = [t.velocity * (t.unseen + 1) for t in tracks]
-            scores = similarity(
-                np.stack([t.predicted(t.unseen + 1) for t in tracks])
-                if tracks
-                else np.zeros((0, 0, 3)),
-                np.asarray(
-                    [(*(t.box[:2] + d), *t.box[2:]) for t, d in zip(tracks, shifts, strict=True)]
-                ).reshape(-1, 4),
-                np.stack([_keypoints(p) for p in persons]) if persons else np.zeros((0, 0, 3)),
-                np.asarray([p.bbox for p in persons]).reshape(-1, 4),
-            )
-            for row, track in enumerate(tracks):
-                if track.broken and persons:  # by pose alone: see the module docstring
-                    scores[row] = oks(
-                        track.predicted(track.unseen + 1)[None],
-                        np.asarray([track.box]),
-                        np.stack([_keypoints(p) for p in persons]),
-                        np.asarray([p.bbox for p in persons]).reshape(-1, 4),
-                    )[0]
-            pairs = [(p, t) for t, p in match(scores, self.config.match_threshold)]
-            broken = set()
+            pairs, cut = self._match_found(persons, tracks)
+            broken, lost = set(), False
+        if cut:  # a new scene: every track ends (its id is never given again)
+            self._tracks, tracks, pairs, broken = [], [], [], set()
+            self.cuts += 1
         seen: dict[int, int] = {}  # person index -> its track's position in self._tracks
         for person_index, track_index in pairs:
             track = tracks[track_index]
@@ -538,6 +488,100 @@ class Tracker:
             track_ids=[track_id for track_id, _ in answered],
             detector_ran=ran,
         )
+
+    def _match_tracked(
+        self, persons: list[Person], live: list[Track]
+    ) -> tuple[list[tuple[int, int]], set[int], bool, bool]:
+        """Which persons of a frame run on tracked boxes stay with their tracks.
+
+        Person i stands in track i's box; one scoring too low, or a second copy of a person
+        another track holds, is lost, and the detector looks again next frame.
+
+        Returns:
+            (person, track) index pairs; the persons answered whose track keeps its last good
+            pose (their pose broke); whether the detector should run next frame; whether this
+            frame is a cut (some pose broke, and no track goes on).
+        """
+        assert self._size is not None
+        pairs: list[tuple[int, int]] = []
+        order = sorted(range(len(persons)), key=lambda i: -persons[i].score)
+        kept: list[int] = []
+        broken: set[int] = set()  # answered, but their track keeps its last good pose
+        lost = False
+        for i in order:
+            track, person = live[i], persons[i]
+            bad = _quality(person) < self.config.min_track_score
+            if not bad and kept:
+                same = similarity(
+                    _keypoints(person)[None],
+                    np.asarray([person.bbox]),
+                    np.stack([_keypoints(persons[j]) for j in kept]),
+                    np.asarray([persons[j].bbox for j in kept]),
+                )
+                bad = bool((same >= DUPLICATE_OKS).any())
+            # Where its motion did not predict it: a cut, an occlusion, the pose model lost.
+            # Nothing says so with no joint in view in both (None), nor for a track seen once
+            # (no motion to predict with).
+            agreement = pose_agreement(
+                in_view(track.predicted(), *self._size),
+                np.asarray(track.box),
+                in_view(_keypoints(person), *self._size),
+                np.asarray(person.bbox),
+            )
+            if agreement is None or track.sightings < 2:
+                agreement = 1.0
+            astray = agreement < self.config.min_track_oks
+            broke = agreement < BROKEN_OKS
+            # No detector run for a person leaving the view (nothing is there to find), nor for
+            # one on the first frame after the detector found it, unless its pose broke
+            # altogether: its box is then the detector's own moved on one frame, a fresh look
+            # would find the same box, and a poor pose in it is the pose model's limit (a person
+            # it barely sees), not the tracker's.
+            excused = track.leaving or (track.since_anchor == 0 and not broke)
+            if bad or (astray and track.leaving):
+                lost = lost or not excused
+                continue
+            kept.append(i)
+            pairs.append((i, i))
+            if astray:  # kept, and the detector checks next frame
+                lost = lost or not excused
+                if broke:
+                    broken.add(i)
+        # A cut: no track goes on, and a pose that broke from its track shows another scene.
+        cut = bool(broken) and all(i in broken for i, _ in pairs)
+        return pairs, broken, lost, cut
+
+    def _match_found(
+        self, persons: list[Person], tracks: list[Track]
+    ) -> tuple[list[tuple[int, int]], bool]:
+        """Which persons of a frame the detector (or the caller) boxed continue which tracks
+        (``associate``, over the tracks moved on to this frame).
+
+        Returns:
+            (person, track) index pairs, and whether this frame is a cut: persons found where
+            tracks seen on one of the last two frames were (the frame after a tracked frame lost
+            them is the detector's), and not one pair whose poses agree.
+        """
+        assert self._size is not None
+        frames = [t.unseen + 1 for t in tracks]
+        k = len(persons[0].keypoints) if persons else len(tracks[0].keypoints) if tracks else 0
+        predicted = [t.predicted(n) for t, n in zip(tracks, frames, strict=True)]
+        shifted = [
+            (*(t.box[:2] + t.velocity * n), *t.box[2:]) for t, n in zip(tracks, frames, strict=True)
+        ]
+        found = [_keypoints(p) for p in persons]
+        pairs, agree = associate(
+            np.stack(predicted) if predicted else np.zeros((0, k, 3)),
+            np.asarray(shifted).reshape(-1, 4),
+            np.stack(found) if found else np.zeros((0, k, 3)),
+            np.asarray([p.bbox for p in persons]).reshape(-1, 4),
+            np.asarray([t.broken for t in tracks], dtype=bool),
+            self.config.match_threshold,
+            self._size,
+        )
+        recent = any(t.unseen <= 1 for t in tracks)
+        cut = recent and bool(persons) and not any(agree)
+        return [(col, row) for row, col in pairs], cut
 
     def _smooth(
         self, track: Track, person: Person, frame: int, t: float | None, refound: bool

@@ -20,13 +20,15 @@ import pytest
 import torch
 
 from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
+from model.keypoints import COCO_OKS_SIGMAS
 from service.batching import BatchQueue, Job, JobState
 from service.engine import PoseRequest, PoseResponse
 from service.pb.pose.v1 import pose_pb2
-from service.track_math import fit_scale_shift, oks, pose_agreement
+from service.track_math import fit_scale_shift, oks, pose_agreement, pose_agreements
 from service.tracking import (
     OneEuroFilter,
     Smoothing,
+    TrackedFrame,
     Tracker,
     TrackerConfig,
     TrackOptions,
@@ -37,13 +39,17 @@ from tests.service.descriptions import fake_description
 from tests.service.rpc_harness import serving
 
 WIDTH, HEIGHT = 320, 160
-# Where the 17 keypoints sit in a person's box, as fractions of its width and height.
-_LAYOUT = [(0.2 + 0.6 * (k % 3) / 2, 0.05 + 0.9 * k / 16) for k in range(17)]
+# Where the 17 keypoints sit in a person's box, as fractions of its width and height: pose 0,
+# and pose 1 (the same joints upside down: another pose in the same box).
+_LAYOUTS = (
+    [(0.2 + 0.6 * (k % 3) / 2, 0.05 + 0.9 * k / 16) for k in range(17)],
+    [(0.2 + 0.6 * (k % 3) / 2, 0.95 - 0.9 * k / 16) for k in range(17)],
+)
 
 
 @dataclass(frozen=True)
 class Walker:
-    """Person ``name``: box (x0 + vx * t, y0, w, h) while ``first <= t <= last``."""
+    """Person ``name``: box (x0 + vx * t, y0, w, h) while ``first <= t <= last``, in ``pose``."""
 
     name: int
     x0: float
@@ -53,6 +59,7 @@ class Walker:
     h: float = 100.0
     first: int = 0
     last: int = 10**6
+    pose: int = 0
 
     def box(self, t: int) -> tuple[float, float, float, float] | None:
         x = self.x0 + self.vx * t
@@ -61,9 +68,9 @@ class Walker:
         return (x, self.y0, self.w, self.h)
 
 
-def _keypoints(box: tuple[float, float, float, float], score: float) -> list[Any]:
+def _keypoints(box: tuple[float, float, float, float], score: float, pose: int = 0) -> list[Any]:
     x, y, w, h = box
-    return [(x + w * u, y + h * v, score) for u, v in _LAYOUT]
+    return [(x + w * u, y + h * v, score) for u, v in _LAYOUTS[pose]]
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -103,8 +110,8 @@ class ScenePipeline:
                 self.detected.append(t)
             if t % 2:
                 present.reverse()  # the detector's order flips from frame to frame
-            for _, box in present:
-                persons.append(Person(box, 0.9, 0.8, _keypoints(box, 0.9)))
+            for walker, box in present:
+                persons.append(Person(box, 0.9, 0.8, _keypoints(box, 0.9, walker.pose)))
         else:
             with self.lock:
                 self.boxed.append(t)
@@ -112,7 +119,8 @@ class ScenePipeline:
                 given = tuple(row[:4])
                 best = max(present, key=lambda p: _iou(p[1], given), default=None)
                 if best is not None and _iou(best[1], given) > 0.1:
-                    persons.append(Person(given, row[4], 0.8, _keypoints(best[1], 0.9)))
+                    kpts = _keypoints(best[1], 0.9, best[0].pose)
+                    persons.append(Person(given, row[4], 0.8, kpts))
                 else:
                     persons.append(Person(given, row[4], 0.0, _keypoints(given, 0.0)))
         return ImageResult(width=WIDTH, height=HEIGHT, persons=persons)
@@ -327,6 +335,18 @@ def test_pose_agreement_shrugs_off_a_few_misplaced_joints_but_not_a_moved_pose()
     hidden = pose.copy()
     hidden[:, 2] = 0.0
     assert pose_agreement(pose, b, hidden, b) is None
+    # All pairs at once: the median OKS term over joints seen in both (odd and even counts of
+    # them), NaN where none is.
+    even = few_off.copy()
+    even[0, 2] = 0.0
+    poses = np.stack([pose, few_off, moved, hidden, even])
+    table = pose_agreements(poses, np.stack([b] * 5), poses, np.stack([b] * 5))
+    var = (2 * np.asarray(COCO_OKS_SIGMAS)) ** 2 * b[2] * b[3]
+    for i, j in np.ndindex(5, 5):
+        terms = np.exp(-((poses[i, :, :2] - poses[j, :, :2]) ** 2).sum(-1) / var / 2)
+        both = (poses[i, :, 2] > 0.2) & (poses[j, :, 2] > 0.2)
+        want = np.median(terms[both]) if both.any() else np.nan
+        assert table[i, j] == pytest.approx(want, nan_ok=True)
 
 
 async def test_a_poorly_placed_person_in_a_pan_moves_with_the_others() -> None:
@@ -373,6 +393,83 @@ async def test_a_poorly_placed_person_in_a_pan_moves_with_the_others() -> None:
     # Frame 1 lags one frame's motion (no velocity known yet); once the shared motion is known
     # the box is on the pan. Following its own joints it stays 2-3 px off (measured).
     assert max(misses[3:]) < 1.0, misses
+
+
+def scene_tracker(pipeline: ScenePipeline, detect_every: int) -> Tracker:
+    """A tracker straight over ``pipeline`` (no engine): frame ``t`` is ``scene_frame(t)``."""
+
+    async def infer(request: PoseRequest) -> PoseResponse:
+        assert isinstance(request.image, torch.Tensor)
+        boxes = request.boxes
+        if boxes is not None:
+            boxes = torch.tensor([list(map(float, row)) for row in boxes])
+        return PoseResponse(pipeline._one(PipelineItem(request.image, boxes)), {})
+
+    options = TrackOptions(detect_every=detect_every)
+    return Tracker(infer, options, TrackerConfig(), has_detector=True)
+
+
+def scene_frame(t: int) -> torch.Tensor:
+    """Frame ``t`` for ``ScenePipeline``: ``t`` in the first pixel's red and green values."""
+    image = torch.zeros((3, 2, 2), dtype=torch.uint8)
+    image[0, 0, 0], image[1, 0, 0] = t % 256, t // 256
+    return image
+
+
+async def track_scene(tracker: Tracker, frames: int) -> list[TrackedFrame]:
+    return list(
+        await asyncio.gather(*[tracker.submit(PoseRequest(scene_frame(t))) for t in range(frames)])
+    )
+
+
+@pytest.mark.parametrize("every", [1, 5])
+async def test_a_cut_ends_every_track_even_where_a_new_person_stands_in_an_old_box(
+    every: int,
+) -> None:
+    # Frame 12 cuts to another scene: walker 3 stands in walker 1's box (IoU alone would keep
+    # its id) in another pose, walker 4 where nobody stood. With detect_every 5, frame 12 is a
+    # tracked frame: the tracked boxes find walker 3's pose in walker 1's box, nothing in
+    # walker 2's.
+    walkers = [
+        Walker(1, 40, 20, 2.0, last=11),
+        Walker(2, 200, 30, -1.0, last=11),
+        Walker(3, 40, 20, 2.0, first=12, pose=1),
+        Walker(4, 110, 40, 0.0, first=12),
+    ]
+    tracker = scene_tracker(ScenePipeline(walkers), every)
+    answers = await track_scene(tracker, 20)
+    ids = [a.track_ids for a in answers]
+    assert ids[:12] == [[1, 2]] * 12
+    assert tracker.cuts == 1
+    if every == 1:
+        assert ids[12:] == [[3, 4]] * 8
+    else:  # the cut frame answers nobody (no old id on the new scene); the detector runs next
+        assert ids[12] == [] and ids[13:] == [[3, 4]] * 7
+        assert [t for t, a in enumerate(answers) if a.detector_ran] == [0, 5, 10, 13, 18]
+
+
+async def test_one_pose_breaking_while_the_others_go_on_is_no_cut() -> None:
+    # Walker 3's pose changes at frame 12 in the same box (walker 5 takes over its path): one
+    # track breaking alone is an occlusion or the pose model's error, and its box keeps its id.
+    walkers = [
+        Walker(1, 10, 20, 3.0),
+        Walker(2, 150, 40, -2.0),
+        Walker(3, 250, 10, 0.5, last=11),
+        Walker(5, 250, 10, 0.5, first=12, pose=1),
+    ]
+    tracker = scene_tracker(ScenePipeline(walkers), 1)
+    answers = await track_scene(tracker, 20)
+    assert all(a.track_ids == [1, 2, 3] for a in answers)
+    assert tracker.cuts == 0
+
+
+async def test_a_lone_person_the_detector_misses_once_keeps_its_id() -> None:
+    # Nobody is found on frame 6: nothing says another scene, so the track waits unseen.
+    walkers = [Walker(1, 40, 20, 2.0, last=5), Walker(1, 40, 20, 2.0, first=7)]
+    tracker = scene_tracker(ScenePipeline(walkers), 1)
+    ids = [a.track_ids for a in await track_scene(tracker, 12)]
+    assert ids == [[1]] * 6 + [[]] + [[1]] * 5
+    assert tracker.cuts == 0
 
 
 async def test_a_failed_frame_leaves_the_state_and_the_next_frame_goes_on() -> None:
