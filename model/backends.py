@@ -1,7 +1,7 @@
 """CPU inference backends: the exported ONNX graph under OpenVINO or ONNX Runtime.
 
-``apply_backend(pose_model, detector, backend=..., device=..., cache_dir=...)`` returns the same
-two objects on PyTorch, or wrappers that run their exported networks (``model.export``):
+``apply_backend(pose_model, detector, rois=..., backend=..., device=..., cache_dir=...)`` returns
+the same three objects on PyTorch, or wrappers that run their exported networks (``model.export``):
 
 * ``BackendPoseModel`` is a ``PoseModel`` with the wrapped model's ``info`` and
   ``weights_sha256``: ``predict(crops)`` runs the exported ``predict`` graph. Crops, flip test
@@ -9,6 +9,8 @@ two objects on PyTorch, or wrappers that run their exported networks (``model.ex
 * ``BackendDetector`` is the SSDLite person detector whose network (with box decoding) runs on
   the backend; the per-image resize, thresholds and NMS stay in PyTorch. torchvision detectors
   stay on PyTorch (their transform and post-processing do not export cleanly).
+* ``BackendRois`` is BlazePose's ROI finder (``model.pose_detector.BodyRois``) whose pose detector
+  network runs on the backend; the views, anchors, decoding, NMS and ROI geometry stay in PyTorch.
 
 Backends (``BACKENDS``):
 
@@ -17,7 +19,8 @@ Backends (``BACKENDS``):
   would otherwise pick bf16 on CPUs that have it), within 5e-7 of PyTorch. Where the CPU
   has bf16 (``OPTIMIZATION_CAPABILITIES`` lists BF16: AVX-512 BF16 or AMX), a second compilation
   in bf16 serves requests that ask for ``precision="bf16"`` (``BackendPoseModel.variants``).
-* ``onnxruntime``: ONNX Runtime's CPU provider, fp32.
+  The detectors run f32 for every request, so a bf16 request crops the same boxes and ROIs.
+* ``onnxruntime``: ONNX Runtime's CPU provider, fp32, its threads not spinning between runs.
 * ``auto``: on CPU the fastest installed (OpenVINO, else ONNX Runtime, else PyTorch; see
   BENCHMARKS.md); on CUDA PyTorch.
 
@@ -44,9 +47,11 @@ import numpy as np
 import torch
 
 from model.blazepose import BlazePose
+from model.crops import PackedImages
 from model.distilpose import DistilPose
 from model.export import export_cached, export_onnx
-from model.interfaces import Detector, PoseModel, PoseModelInfo, PoseOutput
+from model.interfaces import Detector, PoseModel, PoseModelInfo, PoseOutput, RoiFinder, Rois
+from model.pose_detector import BodyRois, PoseDetector
 from model.ssdlite import SSDLite, SSDLitePersonDetector
 
 logger = logging.getLogger(__name__)
@@ -148,6 +153,11 @@ class OnnxRuntimeRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Its worker threads would spin after each run, taking the cores from the PyTorch work that
+        # follows (crops, decoding, NMS): the reference pair's pipeline measured 374 -> 277 ms per
+        # image with SSDLite boxes, 193 -> 121 with caller boxes (2 cores, BENCHMARKS.md), though
+        # a network alone, called back to back, runs 20-60 % slower without spinning.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
 
@@ -261,6 +271,54 @@ class BackendDetector:
         return self.inner(images)
 
 
+class _PoseDetectorOnBackend(PoseDetector):
+    """``PoseDetector`` whose network runs the exported graph; its anchors and decoding
+    (``PoseDetector.decode``) stay in PyTorch."""
+
+    def __init__(self, net: PoseDetector, runner: Runner) -> None:
+        super().__init__(net.graph, net.weights_sha256, net.config)
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See ``PoseDetector.forward``."""
+        if x.shape[0] == 0:
+            return super().forward(x)
+        raw_boxes, logits = self.runner(_to_numpy(x))  # (V, A, 12), (V, A, 1)
+        return self.decode(torch.from_numpy(raw_boxes), torch.from_numpy(logits))
+
+
+class BackendRois:
+    """BlazePose's ROI finder with its pose detector network on a backend (a ``RoiFinder``).
+
+    Attributes:
+        name, weights_sha256: the wrapped finder's.
+        backend: what runs its network.
+        runner: the compiled network (f32 for every request).
+        inner: the wrapped finder (a copy whose ``net`` runs the backend).
+    """
+
+    def __init__(self, rois: BodyRois, runner: Runner, backend: str) -> None:
+        self.inner = copy.copy(rois)
+        self.inner.net = _PoseDetectorOnBackend(rois.net, runner).eval()
+        self.name = rois.name
+        self.weights_sha256 = rois.weights_sha256
+        self.backend = backend
+        self.runner = runner
+
+    def __call__(
+        self, packed: PackedImages, image_index: torch.Tensor, boxes: torch.Tensor
+    ) -> Rois:
+        """See ``BodyRois.__call__``."""
+        return self.inner(packed, image_index, boxes)
+
+    def warmup(self, max_batch_size: int, batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> None:
+        """Run the network once at each batch size up to ``max_batch_size`` (one view per box)."""
+        size = self.inner.net.config.input_size
+        for n in batch_sizes:
+            if n <= max_batch_size:
+                self.runner(np.zeros((n, 3, size, size), dtype=np.float32))
+
+
 # -------------------------------------------------------------------------------------- apply
 
 
@@ -326,15 +384,18 @@ def apply_backend(
     pose_model: PoseModel,
     detector: Detector | None,
     *,
+    rois: RoiFinder | None = None,
     backend: str,
     device: str | torch.device,
     cache_dir: Path | str,
-) -> tuple[PoseModel, Detector | None]:
-    """The pose model and detector on ``backend`` (see the module docstring).
+) -> tuple[PoseModel, Detector | None, RoiFinder | None]:
+    """The pose model, detector and ROI finder on ``backend`` (see the module docstring).
 
     Args:
         pose_model: as built by the catalogue (a ``DistilPose`` or ``BlazePose`` is exported).
         detector: as built, or None (the SSDLite person detector is exported).
+        rois: the pose model's ROI finder (``ModelSpec.rois``), or None (``BodyRois``'s pose
+            detector network is exported).
         backend: one of ``BACKENDS``.
         device: the pipeline's device ("auto" means PyTorch off the CPU).
         cache_dir: the service's cache folder (exports in ``onnx/``, OpenVINO blobs in
@@ -347,7 +408,7 @@ def apply_backend(
     """
     chosen = resolve_backend(backend, device)
     if chosen == "torch":
-        return pose_model, detector
+        return pose_model, detector, rois
     exporter = _Exporter(Path(cache_dir).expanduser())
     try:
         random = getattr(pose_model, "weights_sha256", None) is None
@@ -367,6 +428,12 @@ def apply_backend(
             detector = BackendDetector(detector, runner, f"{chosen} {_version(chosen)} (fp32)")
         elif detector is not None:
             logger.info("the %s detector runs on PyTorch (not exported)", detector.name)
+        if isinstance(rois, BodyRois):
+            path, ov_cache = exporter.path(rois.net, rois.name, rois.weights_sha256)
+            runner = _runner(chosen, path, "f32", ov_cache)
+            rois = BackendRois(rois, runner, f"{chosen} {_version(chosen)} (fp32)")
+        elif rois is not None:
+            logger.info("the %s ROI finder runs on PyTorch (not exported)", rois.name)
     finally:
         exporter.close()
-    return pose_model, detector
+    return pose_model, detector, rois

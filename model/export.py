@@ -18,7 +18,10 @@ What is exported is exactly what a backend replaces (``model.backends``):
 * the SSDLite person detector: its network with box decoding (``SSDLite.forward``: normalised
   300x300 input -> boxes, scores); the per-image resize, thresholds and NMS stay in PyTorch.
   torchvision detectors are not exported (their transform and post-processing, with
-  data-dependent shapes, do not export cleanly): they stay on PyTorch.
+  data-dependent shapes, do not export cleanly): they stay on PyTorch;
+* BlazePose's pose detector (``PoseDetector``, the ``ModelSpec.rois`` of ``blazepose_full``): its
+  network alone (224x224 views in [-1, 1] -> raw box values, score logits); the views, anchors,
+  decoding, NMS and ROI geometry stay in PyTorch (``PoseDetector.decode``, ``BodyRois``).
 
 The exporter is PyTorch's TorchScript-based ``torch.onnx.export(dynamo=False)``: it works on
 every supported torch (2.11 to 2.14), takes seconds (the dynamo exporter takes ~25 s for
@@ -49,6 +52,7 @@ from torch import nn
 from model.blazepose import BlazePose
 from model.distilpose import DistilPose
 from model.interfaces import PoseModelInfo
+from model.pose_detector import PoseDetector
 from model.ssdlite import SSDLite
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,12 @@ POSE_TOLERANCES: dict[str, float] = {"coords": 1e-5, "scores": 3e-5, "sigmas": 3
 BLAZEPOSE_TOLERANCES: dict[str, float] = {"coords": 1e-5, "scores": 1e-4}
 # SSDLite: boxes and person scores in [0, 1] image units (measured ~4e-7).
 DETECTOR_TOLERANCES: dict[str, float] = {"boxes": 1e-5, "box_scores": 1e-5}
+# BlazePose's pose detector, its network alone: raw box values in pixels of its 224 px input
+# (values up to ~800 px: keypoint offsets of far anchors) and score logits (down to ~-600).
+# Measured under ONNX Runtime on the check inputs 4.0e-4 px and 2.6e-4, on real views (COCO
+# samples, whole images and boxes) up to 1.1e-3 px and 4.9e-4 (5e-3 px is 0.014 px of a 640 px
+# image's view; 2e-3 in logit near the 0.5 score threshold is 5e-4 in score).
+POSE_DETECTOR_TOLERANCES: dict[str, float] = {"raw_boxes": 5e-3, "score_logits": 2e-3}
 CHECK_BATCH_SIZES = (1, 3)
 
 
@@ -138,6 +148,20 @@ class _SSDLiteGraph(nn.Module):
         return self.net(x)
 
 
+class _PoseDetectorGraph(nn.Module):
+    """``PoseDetector``'s network alone: anchors, decoding and NMS stay in PyTorch
+    (``PoseDetector.decode``, ``model.pose_detector.BodyRois``)."""
+
+    def __init__(self, net: PoseDetector) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 224, 224) in [-1, 1] -> raw boxes (N, A, 12), score logits (N, A, 1)."""
+        out = self.net.graph(x)
+        return out["boxes"], out["scores"]
+
+
 @dataclass(frozen=True)
 class GraphSignature:
     """Input and output names of an exported network, its input shape and check tolerances."""
@@ -169,6 +193,11 @@ def _graph_of(net: Any) -> tuple[nn.Module, GraphSignature]:
         return _SSDLiteGraph(net), GraphSignature(
             "images", ("boxes", "box_scores"), (3, size, size), DETECTOR_TOLERANCES
         )
+    if isinstance(net, PoseDetector):
+        size = net.config.input_size
+        return _PoseDetectorGraph(net), GraphSignature(
+            "images", ("raw_boxes", "score_logits"), (3, size, size), POSE_DETECTOR_TOLERANCES
+        )
     raise ExportError(f"{type(net).__name__} is not exported to ONNX (see model.export)")
 
 
@@ -196,6 +225,8 @@ def check_inputs(net: Any, batch: int = max(CHECK_BATCH_SIZES), seed: int = 0) -
     pixels = (0.85 * up + 0.15 * fine).clamp(0, 1)  # (B, C, H, W) in [0, 1]
     if isinstance(net, SSDLite):
         return (pixels * 255.0).round() * torch.tensor(net.config.input_scale) - 1.0
+    if isinstance(net, PoseDetector):  # as ``BodyRois.detect`` scales its views
+        return (pixels * 255.0).round() * (2.0 / 255.0) - 1.0
     info: PoseModelInfo = net.info
     pixels = (pixels * 255.0).round() / 255.0
     mean = torch.tensor(info.mean).view(1, 3, 1, 1)
@@ -442,10 +473,17 @@ def export_cached(net: Any, name: str, cache_dir: Path | str, source_weights_sha
 
 def exportable() -> list[str]:
     """Catalogue models ``export_model`` exports: all but the torchvision detectors and the models
-    without a network (``identity``)."""
+    without a network (``identity``), each pose model followed by its ROI finder
+    (``ModelSpec.rois``)."""
     from model.catalogue import CATALOGUE
 
-    return [name for name, spec in CATALOGUE.items() if spec.weights not in ("torchvision", "none")]
+    names: list[str] = []
+    for name, spec in CATALOGUE.items():
+        if spec.weights not in ("torchvision", "none"):
+            names.append(name)
+        if spec.rois is not None and spec.rois not in names:
+            names.append(spec.rois)
+    return names
 
 
 def export_model(
@@ -460,8 +498,8 @@ def export_model(
 
     Args:
         name: an ``exportable()`` name; None infers the DistilPose variant from ``weights``.
-        weights: the DistilPose weight file (required for DistilPose); for a "cache" model its
-            cached file, or None for the one in ``cache_dir``.
+        weights: the DistilPose weight file (required for DistilPose); for a "cache" model or a
+            ROI finder its cached file, or None for the one in ``cache_dir``.
         output: the ONNX file; default ``<name>.onnx`` in the working directory.
         cache_dir: the reference models' cache (default ``model.reference.default_cache_dir()``).
         opset: ONNX opset (17 or later).
@@ -473,22 +511,26 @@ def export_model(
         ExportError: the export failed or does not match PyTorch.
     """
     from model import create_model
-    from model.catalogue import CATALOGUE, build_detector, build_pose_model
-    from model.reference import default_cache_dir
+    from model.catalogue import CATALOGUE, build_detector, build_pose_model, cache_dir_of
+    from model.reference import default_cache_dir, load_body_rois
 
     if opset < OPSET:
         raise ValueError(f"opset {opset}: {OPSET} or later")
     if name is not None and name not in exportable():
         raise KeyError(f"{name!r} is not exported; choose one of {exportable()}")
-    spec = CATALOGUE[name] if name is not None else None
-    if spec is None or spec.weights == "checkpoint":
+    spec = CATALOGUE.get(name) if name is not None else None
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cached = str(weights) if weights is not None else str(directory / f"{name}.safetensors")
+    net: Any
+    if name is not None and spec is None:  # a ROI finder (``ModelSpec.rois``): its network
+        net = load_body_rois(name, cache_dir=cache_dir_of(name, cached)).net
+        source = net.weights_sha256
+    elif spec is None or spec.weights == "checkpoint":
         if weights is None:
             raise ValueError(f"exporting {name or 'DistilPose'} needs its weight file")
-        net: Any = create_model(name, weights=weights)
+        net = create_model(name, weights=weights)
         name, source = net.info.name, net.weights_sha256
     else:
-        directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        cached = str(weights) if weights is not None else str(directory / f"{name}.safetensors")
         if spec.role == "pose":
             net = build_pose_model(spec.name, cached)
             source = net.weights_sha256

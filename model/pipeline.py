@@ -192,9 +192,10 @@ class TopDownPipeline:
             if self.detector is not None:
                 items.append(PipelineItem(image=image, boxes=None, options=options))
             self.run(items)
-        backend_warmup = getattr(self.pose_model, "warmup", None)
-        if callable(backend_warmup):  # an exported graph: the batch sizes served most
-            backend_warmup(self.max_crops_per_batch)
+        for stage in (self.pose_model, self.rois):
+            backend_warmup = getattr(stage, "warmup", None)
+            if callable(backend_warmup):  # an exported graph: the batch sizes served most
+                backend_warmup(self.max_crops_per_batch)
 
     def describe(self) -> ModelDescription:
         """Model, weights, geometry, keypoints, detector, device, default options, source."""
@@ -222,12 +223,14 @@ class TopDownPipeline:
         )
 
     def _backend(self) -> str:
-        """The pose model's backend, and the detector's where it differs."""
+        """The pose model's backend, and the detector's and ROI finder's where they differ."""
         pose = str(getattr(self.pose_model, "backend", "torch"))
-        if self.detector is None:
-            return pose
-        detector = str(getattr(self.detector, "backend", "torch"))
-        return pose if detector == pose else f"{pose}; detector: {detector}"
+        parts = [pose]
+        for what, stage in (("detector", self.detector), ("rois", self.rois)):
+            runs = str(getattr(stage, "backend", "torch"))
+            if stage is not None and runs != pose:
+                parts.append(f"{what}: {runs}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------------------ stages
 
@@ -566,16 +569,18 @@ def build_pipeline(
     det: Detector | None = None
     if detector is not None and detector != "none":
         det = build_detector(detector, detector_weights, device, dict(detector_settings or {}))
+    spec = CATALOGUE.get(model) if model is not None else None
+    rois = None
+    if spec is not None and spec.rois is not None:
+        rois = build_rois(spec.name, weights, device)
     if backend != "torch":
         from model.backends import apply_backend
         from model.reference import default_cache_dir
 
         cache = default_cache_dir() if cache_dir is None else cache_dir
-        pose, det = apply_backend(pose, det, backend=backend, device=device, cache_dir=cache)
-    spec = CATALOGUE.get(model) if model is not None else None
-    rois = None
-    if spec is not None and spec.rois is not None:
-        rois = build_rois(spec.name, weights, device)
+        pose, det, rois = apply_backend(
+            pose, det, rois=rois, backend=backend, device=device, cache_dir=cache
+        )
     return TopDownPipeline(
         pose,
         det,

@@ -202,9 +202,21 @@ class PoseDetector(nn.Module):
         """x: (N, 3, 224, 224) RGB in [-1, 1] -> boxes (N, A, 4), keypoints (N, A, 4, 2) in [0, 1]
         input units and scores (N, A) in [0, 1] (all anchors, before thresholds and NMS)."""
         out = self.graph(x)
-        boxes, points = decode_detections(out["boxes"].float(), self.anchors, self.config)
+        return self.decode(out["boxes"], out["scores"])
+
+    def decode(
+        self, raw_boxes: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network's outputs -> ``forward``'s (the part that stays in PyTorch on every backend,
+        ``model.backends``).
+
+        Args:
+            raw_boxes: (N, A, 12) box values in input pixels (``decode_detections``).
+            logits: (N, A, 1) score logits.
+        """
+        boxes, points = decode_detections(raw_boxes.float(), self.anchors, self.config)
         clip = self.config.score_clipping
-        scores = torch.sigmoid(out["scores"].float().squeeze(-1).clamp(-clip, clip))
+        scores = torch.sigmoid(logits.float().squeeze(-1).clamp(-clip, clip))
         return boxes, points, scores
 
 
@@ -264,6 +276,26 @@ class BodyRois:
         """Where the network runs."""
         return self.net.anchors.device
 
+    def view_inputs(
+        self, packed: crops.PackedImages, image_index: torch.Tensor, views: torch.Tensor
+    ) -> torch.Tensor:
+        """The network's inputs: each square view resized to 224 x 224, zeros outside the image
+        (MediaPipe's letterbox), RGB in [-1, 1].
+
+        Args:
+            packed: the images (``model.crops.pack_images``).
+            image_index: (V,) image of each view.
+            views: (V, 4) [cx, cy, side, side] square views in pixels.
+
+        Returns:
+            (V, 3, 224, 224) float32 on the network's device.
+        """
+        size = self.net.config.input_size
+        scales = views[:, 2:4].float() / 200.0
+        to_image = crops.crop_to_image_affine(views[:, :2].float(), scales, (size, size))
+        pixels = crops.warp_crops(packed, image_index, to_image, (size, size))  # (V, 3, s, s)
+        return pixels.to(self.device).float() * (2.0 / 255.0) - 1.0
+
     def detect(
         self, packed: crops.PackedImages, image_index: torch.Tensor, views: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,8 +304,7 @@ class BodyRois:
         Args:
             packed: the images (``model.crops.pack_images``).
             image_index: (V,) image of each view.
-            views: (V, 4) [cx, cy, side, side] square views in pixels (the network's input is each
-                view resized to 224 x 224, zeros outside the image, as MediaPipe's letterbox).
+            views: (V, 4) [cx, cy, side, side] square views in pixels (``view_inputs``).
 
         Returns:
             face boxes (V, M, 4) [xmin, ymin, xmax, ymax], keypoints (V, M, 4, 2), scores (V, M)
@@ -283,9 +314,7 @@ class BodyRois:
         v = views.shape[0]
         centers = views[:, :2].float()
         scales = views[:, 2:4].float() / 200.0
-        to_image = crops.crop_to_image_affine(centers, scales, (size, size))
-        pixels = crops.warp_crops(packed, image_index, to_image, (size, size))  # (V, 3, s, s)
-        x = pixels.to(self.device).float() * (2.0 / 255.0) - 1.0
+        x = self.view_inputs(packed, image_index, views)
         cand_boxes, cand_points, scores = self.net(x)  # (V, A, 4), (V, A, 4, 2), (V, A)
         keep = scores >= self.score_threshold
         m = max(1, int(keep.sum(1).max())) if v else 1
@@ -298,9 +327,10 @@ class BodyRois:
             top >= self.score_threshold,
         )
         # into image pixels through the view's own geometry
-        flat = torch.cat((det_boxes.view(v, -1, 2), det_points.view(v, -1, 2)), dim=1)
+        k = det_points.shape[2]  # explicit sizes: no box (v = 0) is a valid call
+        flat = torch.cat((det_boxes.view(v, 2 * m, 2), det_points.view(v, m * k, 2)), dim=1)
         px = crops.decode_keypoints(flat.to(centers.device), centers, scales, (size, size))
-        box_px, point_px = px[:, : 2 * m].reshape(v, m, 4), px[:, 2 * m :].reshape(v, m, -1, 2)
+        box_px, point_px = px[:, : 2 * m].reshape(v, m, 4), px[:, 2 * m :].reshape(v, m, k, 2)
         return box_px, point_px, top.to(box_px.device), heads.to(box_px.device)
 
     @torch.inference_mode()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_ssdlite_matches_tensorflow(
         np.testing.assert_allclose(got[:, 4], scores, atol=PROB_ATOL, rtol=0)
 
 
-def coco_oks(keypoints: list[list[float]], annotation: dict) -> float:
+def coco_oks(keypoints: Sequence[Sequence[float]], annotation: dict) -> float:
     """OKS of one prediction (17 x [x, y, score]) with one COCO annotation (pycocotools)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
