@@ -137,7 +137,8 @@ def _add_export_command(commands: Any) -> None:
         description="Writes the network as ONNX with a dynamic batch dimension, checks it against "
         "PyTorch under ONNX Runtime (tolerances in model/export.py) and records the source "
         "weights' sha256 and the graph's sha256 in its metadata. DistilPose needs --weights; "
-        "blazepose_full and ssdlite_person come from the cache (`pose-service models fetch`). "
+        "blazepose_full, blazepose_detector (its pose detector) and ssdlite_person come from the "
+        "cache (`pose-service models fetch`). "
         "Prints one JSON object.",
         allow_abbrev=False,
     )
