@@ -172,7 +172,9 @@ class Metrics:
         process; with several, the engine process publishes both itself)."""
         if self.multiprocess:
             return
-        self.queue_depth.set_function(lambda: float(engine.queue_depth()))
+        depth = getattr(engine, "queue_depth", None)  # an engine client has none: not its queue
+        if depth is not None:
+            self.queue_depth.set_function(lambda: float(depth()))
         self._model_info = engine.model_info
 
     def render(self) -> bytes:

@@ -6,19 +6,27 @@ per app, each on a free localhost port, so tests talk real HTTP (sync ``httpx.Cl
 ``call``. ``SlowPipeline`` is the fake: it answers one person per caller box (or one whole-image
 person) after an optional hold, for the tests about overload, cancellation, deadlines and drain.
 ``cpu_pipeline_engine`` is the real thing: the real pipeline on the CPU, uploads decoded as the
-server decodes them.
+server decodes them. ``split_engine`` is the same behind the process boundary of
+``--frontends N``: the real engine process (``service.processes.engine_main``), with engine clients
+in this process as the front ends, so that a transport's tests can run against both layouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import io
+import itertools
+import multiprocessing
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -30,8 +38,11 @@ from PIL import Image
 
 from model.interfaces import BatchStats, ImageResult, ModelDescription, Person, PipelineItem
 from service.engine import Engine, EngineConfig, EngineObserver
+from service.engine_client import EngineClient
+from service.gpu_decode import probe_image
+from service.processes import RunPaths, engine_main
 from service.settings import Settings
-from service.uploads import decode_image
+from service.uploads import decode_if_small, decode_image
 from tests.service.descriptions import fake_description
 
 START_TIMEOUT_S = 60.0
@@ -48,7 +59,7 @@ class LiveServer:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | EngineClients,
         make_apps: Callable[[], list[FastAPI]],
         *,
         start_engine: bool = True,
@@ -221,6 +232,81 @@ def cpu_pipeline_engine(
         decoder=lambda data: decode_image(data, max_pixels=settings.max_image_pixels),
         observer=observer,
     )
+
+
+class EngineClients:
+    """Several front ends' engine clients, started and stopped together (``LiveServer``'s
+    ``engine``)."""
+
+    def __init__(self, clients: Sequence[EngineClient]) -> None:
+        self.clients = list(clients)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(client.start() for client in self.clients))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await asyncio.gather(*(client.stop(grace_s) for client in self.clients))
+
+
+class SplitEngine:
+    """A running engine process (``split_engine``) and how to reach it."""
+
+    def __init__(self, settings: Settings, paths: RunPaths, pid: int) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.pid = pid
+        self._indices = itertools.count()
+
+    def client(self, frontends: int = 1) -> EngineClient:
+        """A new front end's engine client (not started; each has its own index, so its own
+        ZeroMQ identity). The engine turns it ready once ``frontends`` front ends said hello."""
+        pixels = self.settings.max_image_pixels
+        return EngineClient(
+            self.paths.engine_address,
+            self.settings.engine_config(),
+            decoder=functools.partial(decode_image, max_pixels=pixels),
+            small_decoder=functools.partial(decode_if_small, max_pixels=pixels),
+            probe=functools.partial(probe_image, max_pixels=pixels),
+            images_dir=self.paths.images,
+            engine_pid=self.pid,
+            index=next(self._indices),
+            frontends=frontends,
+        )
+
+
+@contextlib.contextmanager
+def split_engine(settings: Settings) -> Iterator[SplitEngine]:
+    """The engine process of ``settings`` (its model, weights and batching knobs), as
+    ``pose-service serve --frontends N`` runs it; front ends connect with ``.client()``. The
+    process is stopped with SIGTERM (a drain) at exit.
+    """
+    paths = RunPaths.create()
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(paths.metrics)  # the engine's metric files
+    try:
+        process = multiprocessing.get_context("spawn").Process(
+            target=engine_main,
+            args=(settings, paths.engine_address, os.getpid()),
+            name="pose-engine",
+            daemon=True,
+        )
+        process.start()
+    finally:
+        if previous is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+    assert process.pid is not None
+    try:
+        yield SplitEngine(settings, paths, process.pid)
+    finally:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+        shutil.rmtree(paths.root, ignore_errors=True)
 
 
 def png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:

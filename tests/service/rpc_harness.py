@@ -186,7 +186,7 @@ async def serving(
     pipeline: Any | None = None,
     *,
     start_engine: bool = True,
-    engine: Engine | None = None,
+    engine: Any = None,
     http: bool = False,
     **overrides: Any,
 ) -> AsyncIterator[Served]:

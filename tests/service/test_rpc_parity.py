@@ -4,12 +4,17 @@ One engine serves both transports, as in production: the same image and options 
 ``Estimate`` and through ``POST /v1/pose`` must give the same persons, to float32 precision (the
 proto carries float32; the JSON carries the pipeline's float32 values as float64). Frames of a
 ``StreamEstimate`` stream must match their unary answers.
+
+Each test runs against both layouts of ``pose-service serve`` (issue 16): one process (both
+transports over the engine itself), and a front end over the engine process (both transports over
+one engine client, the model in ``service.processes.engine_main``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,10 @@ import pytest
 from PIL import Image
 
 from model.pipeline import build_pipeline
+from service.engine_client import EngineClient
 from service.pb.pose.v1 import pose_pb2
+from service.settings import Settings
+from tests.service.rest_support import SplitEngine, split_engine
 from tests.service.rpc_harness import serving
 
 
@@ -33,6 +41,29 @@ def pipeline(distilpose_s_checkpoint: Path) -> Any:
         detector_weights=None,
         device="cpu",
     )
+
+
+@pytest.fixture(scope="module", params=["one process", "engine process"])
+def layout(request: pytest.FixtureRequest, distilpose_s_checkpoint: Path) -> Iterator[Any]:
+    """None (one process), or the engine process every test's front end connects to."""
+    if request.param == "one process":
+        yield None
+        return
+    settings = Settings(
+        weights=str(distilpose_s_checkpoint),
+        detector="none",
+        device="cpu",
+        backend="torch",
+        max_batch_size=4,
+        calibration_budget_s=0.0,
+    )
+    with split_engine(settings) as split:
+        yield split
+
+
+def front_end(layout: SplitEngine | None) -> EngineClient | None:
+    """The engine the servers of one test use: an engine client in the split layout."""
+    return None if layout is None else layout.client()
 
 
 def photo(seed: int, width: int = 160, height: int = 120) -> bytes:
@@ -81,7 +112,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("options", CASES)
-async def test_unary_equals_http(pipeline: Any, options: dict[str, Any]) -> None:
+async def test_unary_equals_http(pipeline: Any, layout: Any, options: dict[str, Any]) -> None:
     image = photo(0)
     boxes = options.get("boxes")
     request = pose_pb2.EstimateRequest(image=image, frame_id="x")
@@ -89,14 +120,14 @@ async def test_unary_equals_http(pipeline: Any, options: dict[str, Any]) -> None
         message = request.boxes.add(x=box[0], y=box[1], width=box[2], height=box[3])
         if len(box) > 4:
             message.score = box[4]
-    params = {}
+    params: dict[str, str] = {}
     for name in ("return_sigmas", "flip_test"):
         if name in options:
             setattr(request, name, options[name])
             params[name] = str(options[name]).lower()
     if boxes:
         params["boxes"] = json.dumps(boxes)
-    async with serving(pipeline, http=True) as s:
+    async with serving(pipeline, engine=front_end(layout), http=True) as s:
         over_grpc = await s.stub.Estimate(request, timeout=120)
         async with httpx.AsyncClient(base_url=s.http_url, timeout=120) as http:
             reply = await http.post(
@@ -110,12 +141,12 @@ async def test_unary_equals_http(pipeline: Any, options: dict[str, Any]) -> None
     assert_same(over_grpc, reply.json())
 
 
-async def test_stream_frames_equal_their_unary_answers(pipeline: Any) -> None:
+async def test_stream_frames_equal_their_unary_answers(pipeline: Any, layout: Any) -> None:
     images = [photo(seed) for seed in range(5)]
     requests = [
         pose_pb2.EstimateRequest(image=data, frame_id=str(i)) for i, data in enumerate(images)
     ]
-    async with serving(pipeline, stream_window=4, max_batch_size=4) as s:
+    async with serving(pipeline, engine=front_end(layout), stream_window=4, max_batch_size=4) as s:
         unary = [await s.stub.Estimate(r, timeout=120) for r in requests]
         streamed = [a async for a in s.stub.StreamEstimate(iter(requests), timeout=300)]
     assert [a.frame_id for a in streamed] == [str(i) for i in range(5)]
@@ -127,11 +158,11 @@ async def test_stream_frames_equal_their_unary_answers(pipeline: Any) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
-async def test_raw_pixels_equal_png(pipeline: Any) -> None:
+async def test_raw_pixels_equal_png(pipeline: Any, layout: Any) -> None:
     data = photo(7)
     image = Image.open(io.BytesIO(data)).convert("RGB")
     raw = pose_pb2.RawImage(width=image.width, height=image.height, rgb=image.tobytes())
-    async with serving(pipeline) as s:
+    async with serving(pipeline, engine=front_end(layout)) as s:
         encoded = await s.stub.Estimate(pose_pb2.EstimateRequest(image=data), timeout=120)
         decoded = await s.stub.Estimate(pose_pb2.EstimateRequest(raw=raw), timeout=120)
     encoded.ClearField("timing_ms")
