@@ -31,7 +31,13 @@ from service.engine import Engine, EngineConfig
 from service.rest import create_app
 from service.settings import Settings
 from service.uploads import decode_image
-from tests.service.rest_support import LiveServer, SlowPipeline, cpu_pipeline_engine
+from tests.service.rest_support import (
+    EngineClients,
+    LiveServer,
+    SlowPipeline,
+    cpu_pipeline_engine,
+    split_engine,
+)
 
 
 def _image(fmt: str, width: int, height: int) -> bytes:
@@ -60,16 +66,37 @@ def _with_real_image(body: Any, image: bytes) -> Any:
     return body
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(distilpose_s_checkpoint: Path) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["one process", "engine process"])
+def fuzz_server(
+    request: pytest.FixtureRequest, distilpose_s_checkpoint: Path
+) -> Iterator[LiveServer]:
+    """The API over the engine itself, or over an engine client to the engine process (as
+    ``--frontends N`` serves it): both must answer every input the same way."""
     config = Settings(max_boxes=3, max_images_per_request=2, max_body_bytes=200_000)
-    engine = cpu_pipeline_engine(
-        config,
-        EngineConfig(max_batch_size=4, max_delay_ms=1.0),
-        weights=str(distilpose_s_checkpoint),
+    if request.param == "one process":
+        engine = cpu_pipeline_engine(
+            config,
+            EngineConfig(max_batch_size=4, max_delay_ms=1.0),
+            weights=str(distilpose_s_checkpoint),
+        )
+        with LiveServer(engine, lambda: [create_app(engine, config)]) as live:
+            yield live
+        return
+    engine_settings = config.model_copy(
+        update={
+            "weights": str(distilpose_s_checkpoint),
+            "detector": "none",
+            "device": "cpu",
+            "backend": "torch",
+            "max_batch_size": 4,
+            "max_delay_ms": 1.0,
+            "calibration_budget_s": 0.0,
+        }
     )
-    with LiveServer(engine, lambda: [create_app(engine, config)]) as live:
-        yield live
+    with split_engine(engine_settings) as split:
+        client = split.client()
+        with LiveServer(EngineClients([client]), lambda: [create_app(client, config)]) as live:
+            yield live
 
 
 @pytest.fixture(scope="module")
