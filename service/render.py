@@ -1,8 +1,9 @@
 """Draw pose results on their image (boxes, skeleton limbs, keypoints) and encode it as PNG or JPEG.
 
-Used by ``POST /v1/pose/render`` for people who would rather look than read. Limbs are coloured
-by side, derived from the keypoint names (``left_*`` orange, ``right_*`` blue, the rest green); a
-keypoint or limb is drawn only when its raw score reaches ``min_score``.
+Used by ``POST /v1/pose/render`` for people who would rather look than read. The drawing is the
+client's (``service.client.draw``: limbs coloured by side from the keypoint names, a keypoint or
+limb drawn only when its raw score reaches ``min_score``), so that ``pose-client --render`` and the
+server draw alike from one piece of code.
 """
 
 from __future__ import annotations
@@ -12,22 +13,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from model.interfaces import ImageResult
-
-_LEFT = (255, 140, 0)
-_RIGHT = (30, 144, 255)
-_CENTRE = (50, 205, 50)
-_BOX = (255, 255, 0)
-
-
-def _side_colour(name: str) -> tuple[int, int, int]:
-    if name.startswith("left_"):
-        return _LEFT
-    if name.startswith("right_"):
-        return _RIGHT
-    return _CENTRE
+from service.client import draw
 
 
 def draw_poses(
@@ -51,33 +40,8 @@ def draw_poses(
         An RGB Pillow image of the same size.
     """
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy(), mode="RGB")
-    draw = ImageDraw.Draw(canvas)
-    width, height = canvas.size
-    line = max(1, round(min(width, height) / 200))
-    radius = max(1, line + 1)
-    for person in result.persons:
-        x, y, w, h = person.bbox
-        draw.rectangle([x, y, x + w, y + h], outline=_BOX, width=line)
-        points = person.keypoints
-        for a, b in skeleton:
-            if a >= len(points) or b >= len(points):
-                continue
-            xa, ya, sa = points[a]
-            xb, yb, sb = points[b]
-            if sa < min_score or sb < min_score:
-                continue
-            name = keypoint_names[b] if b < len(keypoint_names) else ""
-            draw.line([(xa, ya), (xb, yb)], fill=_side_colour(name), width=line * 2)
-        for index, (kx, ky, score) in enumerate(points):
-            if score < min_score:
-                continue
-            name = keypoint_names[index] if index < len(keypoint_names) else ""
-            draw.ellipse(
-                [kx - radius, ky - radius, kx + radius, ky + radius],
-                fill=_side_colour(name),
-                outline=(0, 0, 0),
-            )
-    return canvas
+    persons = [{"bbox": p.bbox, "keypoints": p.keypoints} for p in result.persons]
+    return draw.draw_poses(canvas, persons, keypoint_names, skeleton, min_score=min_score)
 
 
 def encode(canvas: Image.Image, fmt: Literal["png", "jpeg"]) -> bytes:
