@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from model.interfaces import ImageResult
-from service.client import draw
 
 
 def draw_poses(
@@ -39,6 +38,10 @@ def draw_poses(
     Returns:
         An RGB Pillow image of the same size.
     """
+    # Imported here: the client package imports grpc, whose C core reads GRPC_VERBOSITY when it is
+    # first imported, and ``service.__main__`` sets that only once the process starts.
+    from service.client import draw
+
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy(), mode="RGB")
     persons = [{"bbox": p.bbox, "keypoints": p.keypoints} for p in result.persons]
     return draw.draw_poses(canvas, persons, keypoint_names, skeleton, min_score=min_score)
