@@ -275,11 +275,26 @@ class SplitEngine:
 
 
 @contextlib.contextmanager
-def split_engine(settings: Settings) -> Iterator[SplitEngine]:
-    """The engine process of ``settings`` (its model, weights and batching knobs), as
-    ``pose-service serve --frontends N`` runs it; front ends connect with ``.client()``. The
-    process is stopped with SIGTERM (a drain) at exit.
+def split_engine(
+    settings: Settings, config: EngineConfig, *, weights: str
+) -> Iterator[SplitEngine]:
+    """What ``cpu_pipeline_engine(settings, config, weights=weights)`` serves, in the engine
+    process as ``pose-service serve --frontends N`` runs it (DistilPose on ``weights``, no
+    detector, PyTorch on the CPU, ``config``'s batching knobs, no calibration so that it is ready
+    at once); front ends connect with ``.client()``. The process is stopped with SIGTERM (a drain)
+    at exit.
     """
+    settings = settings.model_copy(
+        update={
+            "weights": weights,
+            "detector": "none",
+            "device": "cpu",
+            "backend": "torch",
+            "max_batch_size": config.max_batch_size,
+            "max_delay_ms": config.max_delay_ms,
+            "calibration_budget_s": 0.0,
+        }
+    )
     paths = RunPaths.create()
     previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(paths.metrics)  # the engine's metric files

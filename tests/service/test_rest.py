@@ -55,31 +55,17 @@ def live(request: pytest.FixtureRequest, distilpose_s_checkpoint: Path) -> Itera
     settings = Settings(max_body_bytes=1_000_000, max_boxes=4, max_images_per_request=4)
     keyed = settings.model_copy(update={"api_keys": [KEY]})
     metrics = Metrics()
+    config = EngineConfig(max_batch_size=8, max_delay_ms=2.0)
+    weights = str(distilpose_s_checkpoint)
     if request.param == "one process":
-        engine = cpu_pipeline_engine(
-            settings,
-            EngineConfig(max_batch_size=8, max_delay_ms=2.0),
-            weights=str(distilpose_s_checkpoint),
-            observer=metrics,
-        )
+        engine = cpu_pipeline_engine(settings, config, weights=weights, observer=metrics)
         with LiveServer(
             engine,
             lambda: [create_app(engine, settings, metrics=metrics), create_app(engine, keyed)],
         ) as server:
             yield server
         return
-    engine_settings = settings.model_copy(
-        update={
-            "weights": str(distilpose_s_checkpoint),
-            "detector": "none",
-            "device": "cpu",
-            "backend": "torch",
-            "max_batch_size": 8,
-            "max_delay_ms": 2.0,
-            "calibration_budget_s": 0.0,
-        }
-    )
-    with split_engine(engine_settings) as split:
+    with split_engine(settings, config, weights=weights) as split:
         open_client, keyed_client = split.client(frontends=2), split.client(frontends=2)
         with LiveServer(
             EngineClients([open_client, keyed_client]),

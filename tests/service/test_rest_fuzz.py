@@ -73,27 +73,14 @@ def fuzz_server(
     """The API over the engine itself, or over an engine client to the engine process (as
     ``--frontends N`` serves it): both must answer every input the same way."""
     config = Settings(max_boxes=3, max_images_per_request=2, max_body_bytes=200_000)
+    knobs = EngineConfig(max_batch_size=4, max_delay_ms=1.0)
+    weights = str(distilpose_s_checkpoint)
     if request.param == "one process":
-        engine = cpu_pipeline_engine(
-            config,
-            EngineConfig(max_batch_size=4, max_delay_ms=1.0),
-            weights=str(distilpose_s_checkpoint),
-        )
+        engine = cpu_pipeline_engine(config, knobs, weights=weights)
         with LiveServer(engine, lambda: [create_app(engine, config)]) as live:
             yield live
         return
-    engine_settings = config.model_copy(
-        update={
-            "weights": str(distilpose_s_checkpoint),
-            "detector": "none",
-            "device": "cpu",
-            "backend": "torch",
-            "max_batch_size": 4,
-            "max_delay_ms": 1.0,
-            "calibration_budget_s": 0.0,
-        }
-    )
-    with split_engine(engine_settings) as split:
+    with split_engine(config, knobs, weights=weights) as split:
         client = split.client()
         with LiveServer(EngineClients([client]), lambda: [create_app(client, config)]) as live:
             yield live

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from model.pipeline import build_pipeline
+from service.engine_api import EngineConfig
 from service.engine_client import EngineClient
 from service.pb.pose.v1 import pose_pb2
 from service.settings import Settings
@@ -49,15 +50,8 @@ def layout(request: pytest.FixtureRequest, distilpose_s_checkpoint: Path) -> Ite
     if request.param == "one process":
         yield None
         return
-    settings = Settings(
-        weights=str(distilpose_s_checkpoint),
-        detector="none",
-        device="cpu",
-        backend="torch",
-        max_batch_size=4,
-        calibration_budget_s=0.0,
-    )
-    with split_engine(settings) as split:
+    config = EngineConfig(max_batch_size=4)
+    with split_engine(Settings(), config, weights=str(distilpose_s_checkpoint)) as split:
         yield split
 
 
