@@ -87,7 +87,6 @@ class EngineServer:
         """Answer every job still running (as the engine settles it), then close the socket."""
         if self._jobs:
             await asyncio.wait(list(self._jobs.values()))
-        await asyncio.sleep(0)  # the last answers' callbacks
         self.publish_state()
         if self._channel is not None:
             self._channel.close()
