@@ -16,8 +16,16 @@ and reports throughput, p50/p95/p99 latency, refusals (HTTP 429 / RESOURCE_EXHAU
 other errors), process RSS and CPU% (and GPU utilisation/memory on CUDA) sampled during each level,
 and per level the engine/naive throughput ratio and engine p99 / naive p50.
 
+``--backends torch openvino`` starts one service per backend (``POSE_BACKEND``) and runs each engine
+target on every backend back to back, in the reverse order on odd rounds, so that a change of load
+from other jobs hits every backend alike; the idle services stay up (their CPU% is sampled). Rows
+carry ``backend``, ``answers`` keeps the model description one answer of each service gave (a
+service that does not report the backend it was asked for is an error), and ``backend_comparisons``
+gives each backend's ratio to ``torch`` measured beside it, also printed at the end.
+
     python -m bench.serve                                   # CPU: concurrency 1 4 16 64
     python -m bench.serve --device cuda --concurrency 1 4 16 64 128 256 --duration-s 20
+    python -m bench.serve --targets engine-http --backends torch openvino --rounds 2
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from bench.common import (
@@ -51,6 +60,7 @@ from bench.loadgen import (
     level_stats,
 )
 from bench.servers import Server, batching_stats, engine_server, naive_server, scrape_engine
+from model.backends import BACKENDS
 
 ALL_TARGETS = ["engine-http", "engine-grpc", "engine-stream", "naive-http"]
 
@@ -73,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-warmup-s", type=float, default=120.0)
     p.add_argument("--rounds", type=int, default=1, help="repeat the whole matrix")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=None,
+        help="one service per backend (POSE_BACKEND), engine targets interleaved across them; "
+        "default: one service, the service's own backend setting",
+    )
     p.add_argument("--persons-min", type=int, default=1)
     p.add_argument("--persons-max", type=int, default=4)
     p.add_argument("--no-flip-test", action="store_true", help="default: flip test on (both)")
@@ -178,6 +196,69 @@ async def run_level(
     return row
 
 
+def schedule(args: argparse.Namespace) -> list[tuple[int, int, str | None, str]]:
+    """The levels in run order: (round, concurrency, backend, target).
+
+    Each engine target runs on every ``--backends`` backend back to back (reversed on odd rounds,
+    so neither backend always goes first); ``naive-http`` runs once (backend None), as does every
+    target without ``--backends``.
+    """
+    levels = []
+    for rnd in range(args.rounds):
+        backends = list(args.backends or [None])
+        if rnd % 2:
+            backends.reverse()
+        for concurrency in args.concurrency:
+            for target in args.targets:
+                for backend in [None] if target == "naive-http" else backends:
+                    levels.append((rnd, concurrency, backend, target))
+    return levels
+
+
+def backend_comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round, concurrency and engine target: each backend against ``torch`` measured beside
+    it."""
+    torch_rows = {
+        (r["round"], r["concurrency"], r["target"]): r for r in rows if r.get("backend") == "torch"
+    }
+    out = []
+    for r in rows:
+        base = torch_rows.get((r["round"], r["concurrency"], r["target"]))
+        if r.get("backend") in (None, "torch") or base is None:
+            continue
+        out.append(
+            {
+                "round": r["round"],
+                "concurrency": r["concurrency"],
+                "target": r["target"],
+                "backend": r["backend"],
+                "rps": r["throughput_rps"],
+                "torch_rps": base["throughput_rps"],
+                "throughput_ratio": (
+                    r["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else None
+                ),
+                "p50_ms": r["p50_ms"],
+                "p99_ms": r["p99_ms"],
+                "torch_p50_ms": base["p50_ms"],
+                "torch_p99_ms": base["p99_ms"],
+            }
+        )
+    return out
+
+
+async def answered_model(server: Server, payload: Payload, timeout_s: float) -> dict[str, Any]:
+    """The model description in one ``POST /v1/pose`` answer of ``server``."""
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        r = await client.post(
+            f"http://127.0.0.1:{server.http_port}/v1/pose",
+            content=payload.multipart_body,
+            headers={"content-type": payload.multipart_type},
+        )
+    r.raise_for_status()
+    model = r.json()["model"]
+    return {k: model.get(k) for k in ("model", "weights_sha256", "detector", "backend")}
+
+
 def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per round and concurrency: each engine target against naive-http measured beside it."""
     out = []
@@ -191,6 +272,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "round": r["round"],
                 "concurrency": r["concurrency"],
                 "target": r["target"],
+                **({"backend": r["backend"]} if "backend" in r else {}),
                 "engine_rps": r["throughput_rps"],
                 "naive_rps": base["throughput_rps"],
                 "throughput_ratio": (
@@ -211,15 +293,19 @@ async def run_async(args: argparse.Namespace) -> Path:
     env = environment(args.device)
     payloads = build_payloads(args)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    servers: dict[str, Server] = {}
     need_engine = any(t.startswith("engine") for t in args.targets)
+    # Keyed by backend (None: one service on its own backend setting).
+    engines: dict[str | None, Server] = {}
     if need_engine:
-        servers["engine"] = engine_server(args, log_dir)
+        for backend in args.backends or [None]:
+            engines[backend] = engine_server(args, log_dir, backend)
+    servers = {s.name: s for s in engines.values()}
     if "naive-http" in args.targets:
         servers["naive"] = naive_server(args, log_dir)
     rows: list[dict[str, Any]] = []
     startup: dict[str, float] = {}
-    channel = None
+    answers: dict[str, dict[str, Any]] = {}
+    channels: dict[str | None, Any] = {}
     try:
         for s in servers.values():
             s.start()
@@ -228,30 +314,47 @@ async def run_async(args: argparse.Namespace) -> Path:
         )
         startup = dict(zip(servers, waits, strict=True))
         dump_json_line({"ready_s": startup})
-        if need_engine:
-            options = [
-                ("grpc.max_send_message_length", 64 * 2**20),
-                ("grpc.max_receive_message_length", 64 * 2**20),
-            ]
-            channel = grpc.aio.insecure_channel(
-                f"127.0.0.1:{servers['engine'].grpc_port}", options=options
+        for backend, s in engines.items():
+            answers[s.name] = await answered_model(s, payloads[0], args.timeout_s)
+            dump_json_line({"answer": {s.name: answers[s.name]}})
+            said = str(answers[s.name]["backend"])
+            if backend not in (None, "auto") and not said.startswith(backend):
+                raise RuntimeError(f"{s.name} answers with backend {said!r}")
+        options = [
+            ("grpc.max_send_message_length", 64 * 2**20),
+            ("grpc.max_receive_message_length", 64 * 2**20),
+        ]
+        for backend, s in engines.items():
+            channels[backend] = grpc.aio.insecure_channel(
+                f"127.0.0.1:{s.grpc_port}", options=options
             )
-        pids = {name: s.proc.pid for name, s in servers.items() if s.proc is not None}
-        pids["loadgen"] = os.getpid()
-        for rnd in range(args.rounds):
-            for concurrency in args.concurrency:
-                for target in args.targets:
-                    row = await run_level(
-                        target, concurrency, args, payloads, servers, channel, pids
-                    )
-                    row["round"] = rnd
-                    rows.append(row)
-                    dump_json_line({k: v for k, v in row.items() if k != "resources"})
+        all_pids = {name: s.proc.pid for name, s in servers.items() if s.proc is not None}
+        for rnd, concurrency, backend, target in schedule(args):
+            # The service under load is "engine" in the level's view and in its resource rows;
+            # the other services keep their names (idle).
+            engine = engines.get(backend)
+            view = {"naive": servers["naive"]} if "naive" in servers else {}
+            pids = dict(all_pids)
+            if engine is not None and engine.proc is not None:
+                view["engine"] = engine
+                pids["engine"] = pids.pop(engine.name)
+            pids["loadgen"] = os.getpid()
+            row = await run_level(
+                target, concurrency, args, payloads, view, channels.get(backend), pids
+            )
+            row["round"] = rnd
+            if backend is not None:
+                row["backend"] = backend
+            rows.append(row)
+            dump_json_line({k: v for k, v in row.items() if k != "resources"})
     finally:
-        if channel is not None:
+        for channel in channels.values():
             await channel.close()
         for s in servers.values():
             s.stop()
+    vs_torch = backend_comparisons(rows)
+    for c in vs_torch:
+        dump_json_line({"vs_torch": c})
     path = write_result(
         "serve",
         args.device,
@@ -261,6 +364,8 @@ async def run_async(args: argparse.Namespace) -> Path:
         env=env,
         extra={
             "comparisons": comparisons(rows),
+            "backend_comparisons": vs_torch,
+            "answers": answers,
             "startup_s": startup,
             "servers": {
                 name: {"command": " ".join(s.command), "env": s.env_overrides}

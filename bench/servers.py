@@ -104,8 +104,10 @@ def shared_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def engine_server(args: argparse.Namespace, log_dir: Path) -> Server:
-    """``python -m service serve`` configured by ``POSE_*`` settings (the documented interface)."""
+def engine_server(args: argparse.Namespace, log_dir: Path, backend: str | None = None) -> Server:
+    """``python -m service serve`` configured by ``POSE_*`` settings (the documented interface);
+    with ``backend``, on that backend (``POSE_BACKEND``, over any ``--engine-env``), named
+    ``engine-<backend>``."""
     http_port, grpc_port = free_port(), free_port()
     env = {
         **shared_env(args),
@@ -133,8 +135,12 @@ def engine_server(args: argparse.Namespace, log_dir: Path) -> Server:
         env["POSE_WARMUP"] = "false"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    name = "engine"
+    if backend is not None:
+        env["POSE_BACKEND"] = backend
+        name = f"engine-{backend}"
     command = [sys.executable, "-m", "service", "serve"]
-    return Server("engine", command, env, http_port, grpc_port, log_dir / "engine.log")
+    return Server(name, command, env, http_port, grpc_port, log_dir / f"{name}.log")
 
 
 def naive_server(args: argparse.Namespace, log_dir: Path) -> Server:
