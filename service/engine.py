@@ -431,7 +431,10 @@ class Engine:
         return PoseResponse(result=result, timing_ms=timing, image=first.image)
 
     async def infer_many(
-        self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
+        self,
+        requests: Sequence[PoseRequest],
+        *,
+        abandoned: Callable[[], Awaitable[Any]] | None = None,
     ) -> list[PoseResponse]:
         """Run several images, each as its own job (they batch with everything else); all the
         answers in order or the first error (``service.engine_api.infer_all``).

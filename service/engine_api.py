@@ -15,6 +15,7 @@ from service.errors import ClientClosedError
 from service.validation import RequestLimits
 
 __all__ = [
+    "WATCH_ABANDONED_AFTER_S",
     "EngineConfig",
     "EngineHandle",
     "EngineObserver",
@@ -188,38 +189,82 @@ class EngineHandle(Protocol):
         ...
 
     async def infer_many(
-        self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
+        self,
+        requests: Sequence[PoseRequest],
+        *,
+        abandoned: Callable[[], Awaitable[Any]] | None = None,
     ) -> list[PoseResponse]:
         """Several images, all answers or the first error (see ``infer_all``)."""
         ...
 
 
+# A caller that may go away (``abandoned``) is watched from this long after its jobs were
+# submitted: most answers of a fast model come sooner, and then cost no watcher task at all.
+WATCH_ABANDONED_AFTER_S = 0.02
+
+
 async def infer_all(
     infer: Callable[[PoseRequest], Awaitable[PoseResponse]],
     requests: Sequence[PoseRequest],
-    abandoned: Awaitable[Any] | None = None,
+    abandoned: Callable[[], Awaitable[Any]] | None = None,
 ) -> list[PoseResponse]:
     """Run ``infer`` on each request at once (they batch with everything else).
 
     All the answers in order, or the first error: the first failure (a refusal, a deadline)
-    cancels the calls still pending, whose jobs are then dropped before the pipeline. So does
-    ``abandoned`` completing (e.g. the HTTP client disconnecting): ``ClientClosedError``.
+    cancels the calls still pending, whose jobs are then dropped before the pipeline. So does the
+    awaitable that ``abandoned()`` returns completing (e.g. the HTTP client disconnecting):
+    ``ClientClosedError``. It is started only once the answers have taken
+    ``WATCH_ABANDONED_AFTER_S``, so a caller that goes away is noticed that much later at most.
 
     Raises:
         ClientClosedError: ``abandoned`` completed first.
         EngineError: The first call's error.
     """
+    if abandoned is None:
+        return await _gather_first_error(infer, requests)
+    task = asyncio.current_task()
+    assert task is not None
+    watcher: asyncio.Future[Any] | None = None
+    went_away = False
+
+    def watched(done: asyncio.Future[Any]) -> None:
+        nonlocal went_away
+        if not done.cancelled() and done.exception() is None:
+            went_away = True
+            task.cancel()
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(abandoned())
+        watcher.add_done_callback(watched)
+
+    timer = asyncio.get_running_loop().call_later(WATCH_ABANDONED_AFTER_S, watch)
+    try:
+        return await _gather_first_error(infer, requests)
+    except asyncio.CancelledError:
+        if went_away and task.uncancel() == 0:
+            raise ClientClosedError("the client went away before the answer") from None
+        raise
+    finally:
+        timer.cancel()
+        if watcher is not None:
+            watcher.remove_done_callback(watched)
+            watcher.cancel()
+
+
+async def _gather_first_error(
+    infer: Callable[[PoseRequest], Awaitable[PoseResponse]], requests: Sequence[PoseRequest]
+) -> list[PoseResponse]:
+    """``infer`` on every request concurrently: the answers in order, or the first error after
+    cancelling the calls still pending. One request is awaited in the caller's task."""
+    if len(requests) == 1:
+        return [await infer(requests[0])]
     tasks = [asyncio.ensure_future(infer(request)) for request in requests]
-    watcher = asyncio.ensure_future(abandoned) if abandoned is not None else None
     pending = set(tasks)
     try:
         while pending:
-            waiting = pending | ({watcher} if watcher is not None else set())
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if watcher is not None and watcher in done:
-                raise ClientClosedError("the client went away before the answer")
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                pending.discard(task)
                 error = task.exception()
                 if error is not None:
                     raise error
@@ -227,6 +272,4 @@ async def infer_all(
     finally:
         for task in pending:
             task.cancel()
-        if watcher is not None:
-            watcher.cancel()
-        await asyncio.gather(*pending, *([watcher] if watcher else []), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -198,7 +198,10 @@ class EngineClient:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def infer_many(
-        self, requests: Sequence[PoseRequest], *, abandoned: Awaitable[Any] | None = None
+        self,
+        requests: Sequence[PoseRequest],
+        *,
+        abandoned: Callable[[], Awaitable[Any]] | None = None,
     ) -> list[PoseResponse]:
         """Several images at once (``service.engine_api.infer_all``)."""
         return await infer_all(self.infer, requests, abandoned)

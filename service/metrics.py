@@ -104,6 +104,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=reg,
         )
+        self._request_children: dict[tuple[str, str | int], tuple[Any, Any]] = {}
         self.queue_wait = Histogram(
             "pose_queue_wait_seconds",
             "Time an image waited in the queue before its batch started.",
@@ -204,8 +205,15 @@ class Metrics:
     # Transports.
     def observe_request(self, transport: str, code: str | int, seconds: float) -> None:
         """Count one finished request ("http" with its status, "grpc" with its code name)."""
-        self.requests.labels(transport=transport, code=str(code)).inc()
-        self.request_duration.labels(transport=transport).observe(max(seconds, 0.0))
+        children = self._request_children.get((transport, code))
+        if children is None:  # labels() costs more than the counting: once per label pair
+            children = (
+                self.requests.labels(transport=transport, code=str(code)),
+                self.request_duration.labels(transport=transport),
+            )
+            self._request_children[(transport, code)] = children
+        children[0].inc()
+        children[1].observe(max(seconds, 0.0))
 
     # EngineObserver.
     def on_queue_depth(self, depth: int) -> None:

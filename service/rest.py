@@ -26,7 +26,8 @@ import importlib.resources
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -57,6 +58,9 @@ from service.rest_inputs import (
 )
 from service.rest_middleware import (
     BodyLimitMiddleware,
+    DirectRoutes,
+    Endpoint,
+    ExceptionHandler,
     RequestContextMiddleware,
     error_response,
     http_error_response,
@@ -152,8 +156,18 @@ def create_app(
     )
     app.state.metrics = metrics
     _install_docs(app)
-    _install_error_handlers(app)
+    for error_class, handler in _ERROR_HANDLERS.items():
+        app.add_exception_handler(error_class, handler)
     # Added last = outermost: request ids, logs and metrics see every answer, 413s included.
+    require_key = _key_check(settings.api_keys)
+    # The pose routes' functions, called by DirectRoutes (filled below, where they are defined).
+    direct: dict[str, Endpoint] = {}
+    app.add_middleware(
+        DirectRoutes,
+        endpoints=direct,
+        authorize=None if require_key is None else partial(_authorize, require_key),
+        handlers=_ERROR_HANDLERS,
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -163,7 +177,7 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, metric_paths=API_PATHS, served_by=served_by
     )
-    auth = _auth_dependencies(settings.api_keys)
+    auth = [] if require_key is None else [Depends(require_key)]
     errors: dict[int | str, dict[str, Any]] = {
         code: {"description": text} for code, text in _ERROR_DOCS.items()
     }
@@ -177,6 +191,7 @@ def create_app(
         return api.json(api.result_dict(response, started, model_info=query.model_info))
 
     for path in ("/v1/pose", "/pose"):
+        direct[path] = pose
         app.post(
             path,
             dependencies=auth,
@@ -234,6 +249,8 @@ def create_app(
         results = [api.result_dict(r, started, model_info=query.model_info) for r in responses]
         return api.json({"results": results})
 
+    direct["/v1/pose/batch"] = pose_batch
+
     app.include_router(video_router(api, settings, dependencies=auth, responses=errors))
 
     @app.get("/v1/models", dependencies=auth, responses={503: errors[503]}, summary="Served model")
@@ -276,7 +293,7 @@ class _PoseApi:
         source = _source_of(request)
         for job in jobs:
             job.source = source
-        return await self.engine.infer_many(jobs, abandoned=_wait_disconnect(request))
+        return await self.engine.infer_many(jobs, abandoned=partial(_wait_disconnect, request))
 
     def model_info(self) -> dict[str, Any]:
         """The engine's model description (cached once known; 503 before the engine started)."""
@@ -451,41 +468,46 @@ _MAX_DETAILS = 10
 _DETAIL_CHARS = 200
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    """Map every error to ``{"error": {"code", "message"}}`` with its status."""
+async def _engine_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EngineError)
+    return http_error_response(exc, getattr(request.state, "request_id", "?"))
 
-    async def engine_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, EngineError)
-        return http_error_response(exc, getattr(request.state, "request_id", "?"))
 
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
-        # Bounded whatever was sent: the first few entries, each cut short, and the count.
-        details = [
-            {
-                "loc": [str(part)[:_DETAIL_CHARS] for part in e.get("loc", ())][:8],
-                "msg": str(e.get("msg", ""))[:_DETAIL_CHARS],
-            }
-            for e in errors[:_MAX_DETAILS]
-        ]
-        message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
-        if len(errors) > _MAX_DETAILS:
-            message += f" (and {len(errors) - _MAX_DETAILS} more)"
-        return error_response(422, "invalid_request", message or "invalid request", None, details)
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    # Bounded whatever was sent: the first few entries, each cut short, and the count.
+    details = [
+        {
+            "loc": [str(part)[:_DETAIL_CHARS] for part in e.get("loc", ())][:8],
+            "msg": str(e.get("msg", ""))[:_DETAIL_CHARS],
+        }
+        for e in errors[:_MAX_DETAILS]
+    ]
+    message = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
+    if len(errors) > _MAX_DETAILS:
+        message += f" (and {len(errors) - _MAX_DETAILS} more)"
+    return error_response(422, "invalid_request", message or "invalid request", None, details)
 
-    async def client_gone(request: Request, exc: Exception) -> Response:
-        return http_error_response(ClientClosedError("the client went away mid-request"))
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        code = _CODE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return http_error_response(ClientClosedError("the client went away mid-request"))
 
-    app.add_exception_handler(EngineError, engine_error)
-    app.add_exception_handler(ClientDisconnect, client_gone)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}")
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+# Every error as ``{"error": {"code", "message"}}`` with its status: the app's exception handlers,
+# and ``DirectRoutes``' too.
+_ERROR_HANDLERS: dict[type[Exception], ExceptionHandler] = {
+    EngineError: _engine_error,
+    ClientDisconnect: _client_gone,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+}
 
 
 # Module-level because the route annotations are strings (``from __future__ import annotations``)
@@ -494,10 +516,11 @@ _BEARER = HTTPBearer(auto_error=False, description="an API key as a bearer token
 _API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key")
 
 
-def _auth_dependencies(keys: Sequence[str]) -> list[Any]:
-    """None without keys; else one that wants ``Authorization: Bearer KEY`` or ``X-API-Key``."""
+def _key_check(keys: Sequence[str]) -> Callable[..., Awaitable[None]] | None:
+    """None without keys; else the routes' dependency, which wants ``Authorization: Bearer KEY``
+    or ``X-API-Key: KEY``."""
     if not keys:
-        return []
+        return None
     accepted = [key.encode() for key in keys]
 
     async def require_key(
@@ -512,4 +535,9 @@ def _auth_dependencies(keys: Sequence[str]) -> list[Any]:
                 "a valid API key is required (Authorization: Bearer KEY, or X-API-Key: KEY)"
             )
 
-    return [Depends(require_key)]
+    return require_key
+
+
+async def _authorize(require_key: Callable[..., Awaitable[None]], request: Request) -> None:
+    """What FastAPI runs for the dependency ``require_key``, for ``DirectRoutes``."""
+    await require_key(await _BEARER(request), await _API_KEY_HEADER(request))

@@ -111,9 +111,8 @@ def parse_boxes(boxes: Any, limits: RequestLimits) -> torch.Tensor:
     if len(boxes) > limits.max_boxes:
         raise _too_many(len(boxes), limits)
     rows = [_check_box(index, box, limits) for index, box in enumerate(boxes)]
-    if not rows:
-        return torch.zeros((0, 5), dtype=torch.float32)
-    return torch.tensor(rows, dtype=torch.float32)
+    # Through numpy: torch.tensor() on a list of lists costs twice as much.
+    return torch.from_numpy(np.array(rows, dtype=np.float32).reshape(len(rows), 5))
 
 
 def _too_many(count: int, limits: RequestLimits) -> InvalidRequestError:
