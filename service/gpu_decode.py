@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from service.jpeg_header import read_jpeg_header
 from service.uploads import open_header
 
 # EXIF tag of the orientation (1 = upright; 2..8 = flips and rotations).
 EXIF_ORIENTATION = 0x0112
 # Frame markers a device decoder takes: SOF0 baseline and SOF2 progressive, Huffman coded.
-_DEVICE_FRAME_MARKERS = frozenset({0xFFC0, 0xFFC2})
+_DEVICE_FRAME_MARKERS = frozenset({0xC0, 0xC2})
 # Luma sampling factors (h, v) of the chroma subsamplings nvJPEG decodes (4:4:4, 4:2:2, 4:4:0,
 # 4:2:0, 4:1:1, 4:1:0) with both chroma components at (1, 1).
 _DEVICE_LUMA_SAMPLING = frozenset({(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (4, 2)})
@@ -108,7 +109,7 @@ def probe_image(data: bytes, *, max_pixels: int) -> ImageHeader:
             and image.format == "JPEG"  # not MPO (several pictures in one file)
             and orientation in (None, 1)
             and data.endswith(b"\xff\xd9")  # complete: nvJPEG need not notice a truncated file
-            and _jpeg_frame_marker(data) in _DEVICE_FRAME_MARKERS
+            and _frame_marker(data) in _DEVICE_FRAME_MARKERS
             and _device_colour_model(image)
         )
         return ImageHeader(
@@ -175,29 +176,10 @@ def _orientation(image: Image.Image) -> int | None:
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
-def _jpeg_frame_marker(data: bytes) -> int | None:
-    """The first SOFn marker of a JPEG (0xFFC0..0xFFCF but DHT, JPG, DAC), walking the segments
-    from SOI; None when the data ends or scanning starts first."""
-    pos, end = 2, len(data)  # after SOI
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            pos += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return 0xFF00 | marker
-        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
-            return None
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2:
-            return None
-        pos += 2 + length
-    return None
+def _frame_marker(data: bytes) -> int | None:
+    """The JPEG's frame marker (``service.jpeg_header``), None when its header is not plain."""
+    header = read_jpeg_header(data)
+    return None if header is None else header.marker
 
 
 def _device_colour_model(image: Image.Image) -> bool:

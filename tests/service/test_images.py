@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from service import uploads
 from service.errors import ImageError
 from service.uploads import (
     SMALL_IMAGE_BYTES,
@@ -22,6 +24,7 @@ from service.uploads import (
 )
 
 MAX = 40_000_000
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -238,3 +241,79 @@ def test_decode_if_small_decodes_thumbnails_and_leaves_the_rest() -> None:
     with pytest.raises(ImageError) as broken:
         decode_if_small(thumb[:100], max_pixels=10**8)
     assert broken.value.code == "bad_image"
+
+
+# Plain JPEGs are decoded by simplejpeg (service.uploads._decode_plain_jpeg), everything else by
+# Pillow: the two ways must give the same answer for every file, pixel for pixel, error for error.
+def _pillow_way(data: bytes, max_pixels: int, monkeypatch: pytest.MonkeyPatch) -> object:
+    with monkeypatch.context() as patch:
+        patch.setattr(uploads, "_decode_plain_jpeg", lambda data, max_pixels: None)
+        return _outcome(data, max_pixels)
+
+
+def _outcome(data: bytes, max_pixels: int) -> object:
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageError as exc:
+        return exc.code
+
+
+def _jpeg_variants() -> dict[str, tuple[bytes, bool]]:
+    """name -> (file, whether it is plain); from the committed COCO photo."""
+    photo = Image.open(ASSETS / "000000000785.jpg").convert("RGB").resize((160, 107))
+    variants = {
+        f"subsampling{sub}-{'progressive' if progressive else 'baseline'}": (
+            encode(photo, "JPEG", subsampling=sub, progressive=progressive, quality=90),
+            True,
+        )
+        for sub in (0, 1, 2)
+        for progressive in (False, True)
+    }
+    variants["gray"] = (encode(photo.convert("L"), "JPEG"), True)
+    variants["cmyk"] = (encode(photo.convert("CMYK"), "JPEG"), False)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        plain = orientation == 1
+        variants[f"exif{orientation}"] = (encode(photo, "JPEG", exif=exif.tobytes()), plain)
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    variants["xmp-orientation"] = (encode(photo, "JPEG", xmp=xmp), False)
+    variants["coco-785"] = ((ASSETS / "000000000785.jpg").read_bytes(), True)
+    return variants
+
+
+def test_plain_jpegs_decode_as_pillow_decodes_them(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    for name, (data, plain) in _jpeg_variants().items():
+        cut = data[: len(data) // 2]
+        forms = {
+            "whole": data,
+            "cut": cut,
+            "cut-with-eoi": cut + b"\xff\xd9",
+            "trailing-data": data + b"junk",
+        }
+        for k in range(12):  # corrupted bytes: libjpeg errors, or warns and decodes
+            flipped = bytearray(data)
+            for at in rng.integers(2, len(data) - 2, size=int(rng.choice([1, 3, 20]))):
+                flipped[at] = int(rng.integers(0, 256))
+            forms[f"flipped{k}"] = bytes(flipped)
+        for form, blob in forms.items():
+            for max_pixels in (10**8, 1000):
+                expected = _pillow_way(blob, max_pixels, monkeypatch)
+                got = _outcome(blob, max_pixels)
+                where = f"{name} {form} max_pixels={max_pixels}"
+                if isinstance(expected, str):
+                    assert got == expected, where
+                else:
+                    assert isinstance(got, torch.Tensor), where
+                    assert isinstance(expected, torch.Tensor)
+                    assert got.is_contiguous() and torch.equal(got, expected), where
+        assert (uploads._decode_plain_jpeg(data, 10**8) is not None) == plain, name
+    # libjpeg's warnings about corrupt data never reach the process's stderr (JSON logs only).
+    assert capfd.readouterr().err == ""
