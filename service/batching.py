@@ -449,6 +449,14 @@ class BatchQueue:
         order. With equal jobs this is round-robin; with unequal ones a source of 16-box jobs
         gets no more crops than one of 1-box jobs.
         """
+        if len(self._queue) <= self.max_batch_size and (
+            crops is None or len(self._queue) == 1 or sum(j.work for j in self._queue) <= crops
+        ):
+            # Everything queued fits: no order to choose (each source's count would be forgotten).
+            everything = list(self._queue)
+            self._queue.clear()
+            self._served = {}
+            return everything
         taken: list[Job] = []
         work = 0.0
         while self._queue and len(taken) < self.max_batch_size:
