@@ -307,12 +307,14 @@ async def run_async(args: argparse.Namespace) -> Path:
     answers: dict[str, dict[str, Any]] = {}
     channels: dict[str | None, Any] = {}
     try:
-        for s in servers.values():
-            s.start()
-        waits = await asyncio.gather(
-            *(s.wait_ready(args.startup_timeout_s) for s in servers.values())
-        )
-        startup = dict(zip(servers, waits, strict=True))
+        # With --backends the services start one at a time: each times its batch cost curve
+        # (service.workers.calibrate) while the others are idle, not while they start.
+        groups = [[s] for s in servers.values()] if args.backends else [list(servers.values())]
+        for group in groups:
+            for s in group:
+                s.start()
+            waits = await asyncio.gather(*(s.wait_ready(args.startup_timeout_s) for s in group))
+            startup.update(zip([s.name for s in group], waits, strict=True))
         dump_json_line({"ready_s": startup})
         for backend, s in engines.items():
             answers[s.name] = await answered_model(s, payloads[0], args.timeout_s)
