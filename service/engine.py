@@ -92,6 +92,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# The image of a job whose upload is still being decoded (shared: never written, only replaced).
+_NOT_DECODED = torch.empty(0, dtype=torch.uint8)
 
 
 def _timed_decode(
@@ -341,7 +343,7 @@ class Engine:
             if self._decoder is None:
                 raise TypeError("this engine has no decoder: pass a decoded image tensor")
             data = bytes(image)
-            image = torch.empty(0, dtype=torch.uint8)  # replaced once decoded
+            image = _NOT_DECODED  # replaced once decoded
         else:
             raise TypeError(f"image must be bytes or a tensor, got {type(image).__name__}")
         item = PipelineItem(image=image, boxes=boxes, options=request.options)
