@@ -356,6 +356,19 @@ def test_api_keys(live: LiveServer) -> None:
         headers = {"content-type": "image/png", "x-api-key": KEY}
         ok = keyed.post("/v1/pose", content=png(16, 16), params=NO_FLIP, headers=headers)
         assert ok.status_code == 200
+        # The pose routes are served past FastAPI's dependencies (DirectRoutes): the same check.
+        for path in ("/v1/pose", "/pose", "/v1/pose/batch"):
+            for given in ({}, {"x-api-key": "nope"}, {"authorization": "Bearer nope"}):
+                refused = keyed.post(path, content=b"", headers=given)
+                assert refused.status_code == 401, (path, given)
+                assert refused.json()["error"]["code"] == "unauthenticated"
+        bearer_pose = keyed.post(
+            "/v1/pose",
+            content=png(16, 16),
+            params=NO_FLIP,
+            headers={"content-type": "image/png", "authorization": f"Bearer {KEY}"},
+        )
+        assert bearer_pose.status_code == 200
         for open_path in ("/livez", "/readyz", "/metrics"):
             assert keyed.get(open_path).status_code == 200
 
