@@ -149,7 +149,7 @@ def serve_tables(doc: dict[str, Any]) -> str:
             [
                 str(r.get("round", 0)),
                 str(r["concurrency"]),
-                r["target"],
+                r["target"] + (f" ({r['backend']})" if r.get("backend") else ""),
                 _f(r["throughput_rps"], 2),
                 _f(r["p50_ms"], 0),
                 _f(r["p95_ms"], 0),
@@ -208,7 +208,26 @@ def serve_tables(doc: dict[str, Any]) -> str:
         ],
         comp,
     )
-    return "Per level:\n\n" + t1 + "\n\nEngine vs naive, side by side:\n\n" + t2
+    text = "Per level:\n\n" + t1 + "\n\nEngine vs naive, side by side:\n\n" + t2
+    backends = [
+        [
+            str(c["round"]),
+            str(c["concurrency"]),
+            c["target"],
+            c["backend"],
+            _f(c["rps"], 2),
+            _f(c["torch_rps"], 2),
+            _f(c["throughput_ratio"], 2) + "x",
+            _f(c["p50_ms"], 0) + " / " + _f(c["p99_ms"], 0),
+            _f(c["torch_p50_ms"], 0) + " / " + _f(c["torch_p99_ms"], 0),
+        ]
+        for c in doc.get("backend_comparisons", [])
+    ]
+    if backends:
+        header = ["round", "conc.", "target", "backend", "req/s", "torch req/s", "ratio"]
+        header += ["p50 / p99 ms", "torch p50 / p99 ms"]
+        text += "\n\nBackends against torch, same levels:\n\n" + _table(header, backends)
+    return text
 
 
 def frontend_tables(doc: dict[str, Any]) -> str:

@@ -84,3 +84,48 @@ def test_backend_comparisons_pair_rows_measured_beside_each_other() -> None:
     assert comps[0]["p50_ms"] == pytest.approx(100.0)
     # Without --backends there is nothing to compare.
     assert serve.backend_comparisons([row(0, None, 4.0)]) == []
+
+
+def test_report_shows_each_rows_backend_and_the_ratio_to_torch() -> None:
+    from bench import report
+
+    def row(backend: str, rps: float) -> dict[str, object]:
+        return {
+            "round": 0,
+            "concurrency": 4,
+            "target": "engine-http",
+            "backend": backend,
+            "server": f"engine-{backend}",
+            "throughput_rps": rps,
+            "p50_ms": 500.0,
+            "p95_ms": 700.0,
+            "p99_ms": 800.0,
+            "ok": 10,
+            "refused": 0,
+            "errors": 0,
+            "loadavg": [2.0, 2.0, 2.0],
+        }
+
+    comparison = {
+        "round": 0,
+        "concurrency": 4,
+        "target": "engine-http",
+        "backend": "openvino",
+        "rps": 7.2,
+        "torch_rps": 3.6,
+        "throughput_ratio": 2.0,
+        "p50_ms": 570.0,
+        "p99_ms": 790.0,
+        "torch_p50_ms": 1165.0,
+        "torch_p99_ms": 1430.0,
+    }
+    doc = {
+        "results": [row("torch", 3.6), row("openvino", 7.2)],
+        "backend_comparisons": [comparison],
+    }
+    text = report.serve_tables(doc)
+    assert "| engine-http (torch) | 3.60 |" in text and "| engine-http (openvino) | 7.20 |" in text
+    assert (
+        "| 0 | 4 | engine-http | openvino | 7.20 | 3.60 | 2.00x | 570 / 790 | 1,165 / 1,430 |"
+        in text
+    )
