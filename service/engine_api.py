@@ -229,7 +229,8 @@ async def infer_all(
 
     def watched(done: asyncio.Future[Any]) -> None:
         nonlocal went_away
-        if not done.cancelled() and done.exception() is None:
+        if not done.cancelled():
+            done.exception()  # retrieved: a watcher that failed also means the caller is gone
             went_away = True
             task.cancel()
 
