@@ -426,7 +426,7 @@ class BatchQueue:
             now = time.monotonic()
             batch: list[Job] = []
             expired: list[Job] = []
-            for job in self._take_fair_locked(crops):
+            for job in self._take_fair_locked(crops, queued):
                 self._unreserve_locked(job)
                 if job.deadline is not None and job.deadline <= now:
                     job.state = JobState.DONE
@@ -439,7 +439,7 @@ class BatchQueue:
             self._on_depth(self._reserved)
             return batch, expired
 
-    def _take_fair_locked(self, crops: float | None) -> list[Job]:
+    def _take_fair_locked(self, crops: float | None, queued: float) -> list[Job]:
         """Up to ``max_batch_size`` jobs, and up to ``crops`` of work (at least one job), off the
         queue, fairly over their sources.
 
@@ -447,10 +447,11 @@ class BatchQueue:
         source's count starts level with the least served one when it gets a job queued, and is
         forgotten once it has none), ties going to the older job; within a source jobs keep their
         order. With equal jobs this is round-robin; with unequal ones a source of 16-box jobs
-        gets no more crops than one of 1-box jobs.
+        gets no more crops than one of 1-box jobs. ``queued`` is the queue's work, which the
+        caller has summed already.
         """
         if len(self._queue) <= self.max_batch_size and (
-            crops is None or len(self._queue) == 1 or sum(j.work for j in self._queue) <= crops
+            crops is None or len(self._queue) == 1 or queued <= crops
         ):
             # Everything queued fits: no order to choose (each source's count would be forgotten).
             everything = list(self._queue)
@@ -467,8 +468,8 @@ class BatchQueue:
             self._served[job.source] += job.work
             taken.append(job)
             work += job.work
-        queued = {job.source for job in self._queue}
-        self._served = {s: n for s, n in self._served.items() if s in queued}
+        sources = {job.source for job in self._queue}
+        self._served = {s: n for s, n in self._served.items() if s in sources}
         return taken
 
     def _next_fair_locked(self) -> Job:
