@@ -257,8 +257,10 @@ class BatchQueue:
         max_batch_size: Most jobs per batch.
         max_delay_s: How long the oldest queued job waits for a batch to fill.
         max_queue_size: Most jobs in ``DECODING`` or ``QUEUED`` at once.
-        on_depth: Called with the new depth whenever it changes, under the lock (so updates arrive
-            in order): keep it quick, and do not block in it.
+        on_depth: Called with the new depth under the lock (so updates arrive in order): when a
+            job is admitted (for jobs admitted with ``wake=False``, once at the ``wake()`` that
+            follows them), when a batch is taken and when a job is dropped. Keep it quick, and
+            do not block in it.
     """
 
     def __init__(
@@ -280,6 +282,7 @@ class BatchQueue:
         self._closed = False
         self._rates: dict[int, float] = {}  # worker -> crops / s, EWMA over its batches
         self._running: set[Job] = set()  # taken by workers and not finished
+        self._running_work = 0.0  # their crops (admission reads it for every job)
         self._batch_s: float | None = None  # seconds of one batch, EWMA
         self._boxless_work = 1.0  # crops of an image without caller boxes, EWMA
         # Crops taken per source with jobs queued: the least served source goes next.
@@ -330,7 +333,8 @@ class BatchQueue:
             self._reserved_work += job.work
             if job.state is JobState.QUEUED:
                 self._append_locked(job, wake)
-            self._on_depth(self._reserved)
+            if wake:  # (else reported by the wake() that follows, once for a burst)
+                self._on_depth(self._reserved)
             return None
 
     def _work_of_locked(self, item: PipelineItem) -> float:
@@ -351,8 +355,9 @@ class BatchQueue:
             return True
 
     def wake(self) -> None:
-        """Wake the consumers for jobs queued with ``wake=False``."""
+        """Wake the consumers for jobs queued with ``wake=False`` (and report the depth)."""
         with self._cv:
+            self._on_depth(self._reserved)
             self._cv.notify_all()
 
     def _append_locked(self, job: Job, wake: bool = True) -> None:
@@ -436,6 +441,7 @@ class BatchQueue:
                 job.queue_s = now - job.t_queued
                 batch.append(job)
             self._running.update(batch)
+            self._running_work += sum(job.work for job in batch)
             self._on_depth(self._reserved)
             return batch, expired
 
@@ -487,7 +493,12 @@ class BatchQueue:
         """Taken ``jobs`` are over (answered, failed or dropped); idempotent. Called before their
         answers are posted, so that a caller answered sees the queue without its job."""
         with self._cv:
-            self._running.difference_update(jobs)
+            for job in jobs:
+                if job in self._running:
+                    self._running.remove(job)
+                    self._running_work -= job.work
+            if not self._running:
+                self._running_work = 0.0  # recounted when empty: no float rounding piles up
 
     def record_batch(self, images: int, seconds: float) -> None:
         """Kept for callers of the image-counting interface: does nothing. Workers record each
@@ -549,5 +560,5 @@ class BatchQueue:
             return None
         # Workers not measured yet are counted at the mean of those measured.
         total = sum(rates) * max(workers, len(rates)) / len(rates)
-        ahead = self._reserved_work + sum(job.work for job in self._running)
+        ahead = self._reserved_work + self._running_work
         return ahead / total

@@ -303,7 +303,8 @@ class Engine:
             InferenceError: The batch failed.
             InvalidRequestError: The decoder or probe refused the bytes (unchanged), or the
                 image, boxes or options are invalid (``service.validation``: checked here, once,
-                so that one bad request cannot fail a batch).
+                so that one bad request cannot fail a batch; a front-end process checks its own
+                requests, ``PoseRequest.checked``).
         """
         return await self.submit(request)
 
@@ -328,17 +329,22 @@ class Engine:
         if request.deadline is not None and request.deadline <= t_submit:
             raise DeadlineExceededError("the deadline passed before the request was queued")
 
-        limits = self._config.limits
-        boxes = None if request.boxes is None else parse_boxes(request.boxes, limits)
-        check_options(request.options)
+        checked = request.checked
+        if checked:  # by a front-end process (``PoseRequest.checked``)
+            boxes = request.boxes
+        else:
+            limits = self._config.limits
+            boxes = None if request.boxes is None else parse_boxes(request.boxes, limits)
+            check_options(request.options)
         if boxes is not None and boxes.shape[0] > self._config.max_boxes_per_job:
             return asyncio.ensure_future(self._infer_split(request, boxes, t_submit))
         data: bytes | None = None
         image = request.image
         if isinstance(image, torch.Tensor):
-            check_image(image)
-            if boxes is not None:
-                check_boxes_in_image(boxes, int(image.shape[2]), int(image.shape[1]))
+            if not checked:
+                check_image(image)
+                if boxes is not None:
+                    check_boxes_in_image(boxes, int(image.shape[2]), int(image.shape[1]))
         elif isinstance(image, bytes | bytearray | memoryview):
             if self._decoder is None:
                 raise TypeError("this engine has no decoder: pass a decoded image tensor")
@@ -560,8 +566,7 @@ class Engine:
         """Worker thread: a batch left the queue; ``expired`` were past their deadline."""
         for job in expired:
             self._post(job, exc=DeadlineExceededError("the deadline passed in the queue"))
-        for job in batch:
-            self._observe(self._observer.on_queue_wait, job.queue_s)
+        self._observe(self._observer.on_queue_waits, [job.queue_s for job in batch])
 
     def _succeeded(
         self, jobs: list[Job], results: list[ImageResult], stats: BatchStats, seconds: float

@@ -109,6 +109,12 @@ class PoseRequest:
         eager: Do not hold this job for a batch to fill while nothing but eager jobs is queued:
             set by ``service.tracking`` on a tracked stream's frames, whose sender waits for the
             answer (``service.batching``).
+        checked: Every check of ``service.validation`` has passed already, in a front-end process
+            of this service running the same code with the same limits: ``boxes`` is
+            ``parse_boxes``'s (M, 5) float32 tensor (or None), and a decoded ``image`` was
+            checked, with the boxes against it. The engine process sets it for its front ends'
+            jobs so as not to repeat the checks (``service.engine_server``); nothing a client
+            sends can set it.
     """
 
     image: bytes | torch.Tensor
@@ -118,6 +124,7 @@ class PoseRequest:
     return_image: bool = False
     source: str = ""
     eager: bool = False
+    checked: bool = False
 
 
 @dataclass
@@ -142,8 +149,8 @@ class EngineObserver(Protocol):
         """Jobs admitted and not yet running (decoding + queued) changed to ``depth``."""
         ...
 
-    def on_queue_wait(self, seconds: float) -> None:
-        """One job waited ``seconds`` in the queue before a worker took it."""
+    def on_queue_waits(self, seconds: Sequence[float]) -> None:
+        """A worker took a batch whose jobs waited ``seconds`` each in the queue."""
         ...
 
     def on_batch(self, stats: BatchStats, images: int) -> None:
@@ -158,7 +165,7 @@ class NoopObserver:
     def on_queue_depth(self, depth: int) -> None:
         """Ignore."""
 
-    def on_queue_wait(self, seconds: float) -> None:
+    def on_queue_waits(self, seconds: Sequence[float]) -> None:
         """Ignore."""
 
     def on_batch(self, stats: BatchStats, images: int) -> None:

@@ -3,9 +3,10 @@
 ``EngineClient`` is what the transports of a front end hold instead of an ``Engine``
 (``service.engine_api.EngineHandle``: ``ready``, ``draining``, ``model_info``, ``infer``,
 ``infer_many``; ``start`` and ``stop`` for the composition root). Per request it does the work
-that scales with front ends: the cheap checks of the request (the engine's own functions, so
-that a bad request costs no decoding; the engine checks again and stays the one authority),
-decoding in its own thread pool, and writing the pixels to shared memory
+that scales with front ends: every check of the request (the engine's own functions and
+limits, ``service.validation``; the cheap ones before any decoding is spent, the boxes against
+the image once it is decoded; the engine trusts them, ``PoseRequest.checked``), decoding in its
+own thread pool, and writing the pixels to shared memory
 (``service.engine_wire``). The engine process then admits, batches and answers.
 
 Guarantees kept across the boundary:
@@ -54,6 +55,7 @@ from service.engine_wire import (
     InferMessage,
     Message,
     ResultMessage,
+    boxes_to_wire,
 )
 from service.errors import (
     DeadlineExceededError,
@@ -63,7 +65,7 @@ from service.errors import (
     error_from_wire,
 )
 from service.gpu_decode import ImageHeader
-from service.validation import check_image, check_options, parse_boxes
+from service.validation import check_boxes_in_image, check_image, check_options, parse_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -218,17 +220,16 @@ class EngineClient:
                 f"overloaded: {self._calls} requests of this front end in flight",
                 retry_after_s=_RETRY_AFTER_BUSY_S,
             )
-        # The engine's own checks, before any decoding is spent (it checks again).
-        if request.boxes is not None:
-            parse_boxes(request.boxes, self._config.limits)
+        # The engine's own checks, before any decoding is spent (it does not repeat them).
+        boxes = None if request.boxes is None else parse_boxes(request.boxes, self._config.limits)
         check_options(request.options)
         self._calls += 1
         self._idle.clear()
         path = ""
         try:
-            ref, payload, image, decode_s = await self._prepare(request)
+            ref, payload, image, decode_s = await self._prepare(request, boxes)
             path = ref.path
-            return await self._call(request, ref, payload, image, decode_s, t_submit)
+            return await self._call(request, boxes, ref, payload, image, decode_s, t_submit)
         finally:
             if path:
                 self._files.remove(path)
@@ -237,10 +238,11 @@ class EngineClient:
                 self._idle.set()
 
     async def _prepare(
-        self, request: PoseRequest
+        self, request: PoseRequest, boxes: torch.Tensor | None
     ) -> tuple[ImageRef, bytes | None, torch.Tensor | None, float]:
-        """Decode (in the pool) and place the image: in the message, in shared memory, or
-        encoded for the engine's GPU decoder."""
+        """Decode (in the pool), check the image and the ``boxes`` against it, and place it: in
+        the message, in shared memory, or encoded for the engine's GPU decoder (which checks
+        the boxes once it has decoded it)."""
         image = request.image
         loop = asyncio.get_running_loop()
         on_device = (
@@ -265,6 +267,8 @@ class EngineClient:
             raise TypeError(f"image must be bytes or a tensor, got {type(image).__name__}")
         assert isinstance(image, torch.Tensor)
         check_image(image)
+        if boxes is not None:
+            check_boxes_in_image(boxes, int(image.shape[2]), int(image.shape[1]))
         image = image.cpu()
         shape = tuple(int(v) for v in image.shape)
         if image.nbytes <= INLINE_LIMIT_BYTES:
@@ -281,6 +285,7 @@ class EngineClient:
     async def _call(
         self,
         request: PoseRequest,
+        boxes: torch.Tensor | None,
         ref: ImageRef,
         payload: bytes | None,
         image: torch.Tensor | None,
@@ -290,10 +295,15 @@ class EngineClient:
         """Send one INFER and wait for its one answer."""
         if self._gone or self._channel is None:
             raise NotReadyError("the engine process stopped")
-        boxes = request.boxes.tolist() if isinstance(request.boxes, torch.Tensor) else request.boxes
         rid = next(self._ids)
         message = InferMessage(
-            rid, ref, boxes, request.options, request.deadline, request.source, request.eager
+            rid,
+            ref,
+            boxes_to_wire(boxes),
+            request.options,
+            request.deadline,
+            request.source,
+            request.eager,
         )
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[ResultMessage] = loop.create_future()

@@ -8,8 +8,11 @@ job's future, when it settles, queues one RESULT or one ERROR, coalesced per fro
 (the front end's caller went away) cancels that future, which drops the job before compute
 exactly as a disconnect does in one process. The engine's state (ready, draining, model) goes to
 every front end that said HELLO, when it changes and every ``STATE_INTERVAL_S`` as a heartbeat.
-Validation, admission by time, deadlines and the bound on decoded bytes all stay in the engine:
-a front end cannot tell the difference, and neither can its clients.
+The front ends check each request with the engine's own functions and limits
+(``service.validation``) and send the parsed boxes; the engine trusts those checks
+(``PoseRequest.checked``) instead of repeating them, and checks against the image only what it
+decodes itself (JPEGs for its GPU). Admission by time, deadlines and the bound on decoded bytes
+stay in the engine: a front end cannot tell the difference, and neither can its clients.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from service.engine_wire import (
     InferMessage,
     Message,
     ResultMessage,
+    boxes_from_wire,
     read_image,
 )
 from service.errors import NotReadyError, error_to_wire
@@ -143,11 +147,12 @@ class EngineServer:
         try:
             request = PoseRequest(
                 image=read_image(message.image, payload),
-                boxes=message.boxes,
+                boxes=boxes_from_wire(message.boxes),
                 options=message.options,
                 deadline=message.deadline,
                 source=message.source,
                 eager=message.eager,
+                checked=True,  # by the front end, with the engine's own functions and limits
             )
             future = self._engine.submit(request)
         except Exception as exc:

@@ -74,11 +74,16 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class InferMessage:
-    """One job, as ``service.engine_api.PoseRequest`` less the image's pixels."""
+    """One job, as ``service.engine_api.PoseRequest`` less the image's pixels, checked by the
+    front end (``PoseRequest.checked``).
+
+    Attributes:
+        boxes: ``parse_boxes``'s (M, 5) float32 rows as bytes (``boxes_to_wire``), or None.
+    """
 
     request_id: int
     image: ImageRef
-    boxes: Any
+    boxes: bytes | None
     options: PoseOptions
     deadline: float | None  # time.monotonic(): one clock for every process of the machine
     source: str
@@ -266,6 +271,24 @@ class ImageFiles:
     def remove(path: str) -> None:
         """Unlink a written image (an engine still mapping it keeps its pages until done)."""
         Path(path).unlink(missing_ok=True)
+
+
+def boxes_to_wire(boxes: torch.Tensor | None) -> bytes | None:
+    """``parse_boxes``'s (M, 5) float32 CPU tensor as bytes (None stays None)."""
+    return None if boxes is None else boxes.numpy().tobytes()
+
+
+def boxes_from_wire(data: bytes | None) -> torch.Tensor | None:
+    """The (M, 5) float32 tensor of ``boxes_to_wire``.
+
+    Raises:
+        ValueError: Not a whole number of rows (a bug in the front end, not a client's error).
+    """
+    if data is None:
+        return None
+    if len(data) % (5 * 4):
+        raise ValueError(f"{len(data)} bytes of boxes are not whole (M, 5) float32 rows")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(-1, 5).copy())
 
 
 def read_image(ref: ImageRef, payload: bytes | None) -> torch.Tensor | bytes:

@@ -33,9 +33,10 @@ would describe only the process that happened to answer the scrape).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -138,6 +139,11 @@ class Metrics:
             buckets=_PERSON_BUCKETS,
             registry=reg,
         )
+        # labels() costs more than an observation: the per-stage children, once.
+        self._stage_children = (
+            {stage: self.batch_size.labels(stage=stage) for stage in ("engine", "detect", "pose")},
+            {stage: self.inference.labels(stage=stage) for stage in ("detect", "pose")},
+        )
         self._model_info: Callable[[], ModelDescription] | None = None
         self._model_published = False
         if multiprocess:
@@ -220,25 +226,50 @@ class Metrics:
         """The queue now holds ``depth`` jobs."""
         self.queue_depth.set(depth)
 
-    def on_queue_wait(self, seconds: float) -> None:
-        """A job left the queue for a batch after ``seconds``."""
-        self.queue_wait.observe(max(seconds, 0.0))
+    def on_queue_waits(self, seconds: Sequence[float]) -> None:
+        """The jobs of one batch left the queue after ``seconds`` each."""
+        observe_all(self.queue_wait, [max(s, 0.0) for s in seconds])
 
     def on_batch(self, stats: BatchStats, images: int) -> None:
         """A pipeline batch of ``images`` images finished."""
-        self.batch_size.labels(stage="engine").observe(images)
+        sizes, seconds = self._stage_children
+        sizes["engine"].observe(images)
         if stats.detect_images > 0:
-            self.batch_size.labels(stage="detect").observe(stats.detect_images)
-            self.inference.labels(stage="detect").observe(max(stats.detect_seconds, 0.0))
+            sizes["detect"].observe(stats.detect_images)
+            seconds["detect"].observe(max(stats.detect_seconds, 0.0))
         if stats.pose_crops > 0:
-            self.batch_size.labels(stage="pose").observe(stats.pose_crops)
-            self.inference.labels(stage="pose").observe(max(stats.pose_seconds, 0.0))
-        for persons in stats.persons_per_image:
-            self.persons_per_image.observe(persons)
+            sizes["pose"].observe(stats.pose_crops)
+            seconds["pose"].observe(max(stats.pose_seconds, 0.0))
+        observe_all(self.persons_per_image, stats.persons_per_image)
         if self.multiprocess and torch.cuda.is_available() and torch.cuda.is_initialized():
             for device, values in _gpu_memory().items():
                 for name, value in values.items():
                     self._gpu_memory[name].labels(device=device).set(value)
+
+
+def observe_all(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe(a)`` for each of ``amounts``, with each bucket's count and the sum
+    written once: in multiprocess mode every write is an update of a memory-mapped file (with a
+    lock and a pid check), and a batch's jobs would otherwise pay several each. Reads
+    prometheus_client's own bucket bounds and values (``_upper_bounds``, ``_buckets``,
+    ``_sum``); a version without them is observed one by one."""
+    if not amounts:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        if amount <= bounds[-1]:  # (as observe: NaN counts in no bucket; the last is +Inf)
+            counts[bisect.bisect_left(bounds, amount)] += 1
+    total.inc(sum(amounts))
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 _MODEL_LABELS = ("detector", "device", "input_size", "model", "weights_sha256")

@@ -13,7 +13,7 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -145,8 +145,8 @@ class RecordingObserver(NoopObserver):
     def on_queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
 
-    def on_queue_wait(self, seconds: float) -> None:
-        self.waits.append(seconds)
+    def on_queue_waits(self, seconds: Sequence[float]) -> None:
+        self.waits.extend(seconds)
 
     def on_batch(self, stats: BatchStats, images: int) -> None:
         self.batches.append((stats, images))

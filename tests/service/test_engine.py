@@ -221,8 +221,8 @@ async def test_observer_sees_depth_waits_and_batches(make_engine: MakeEngine) ->
     assert images == 5
     assert (stats.detect_images, stats.pose_crops) == (5, 5)
     assert stats.persons_per_image == [1] * 5
-    assert observer.depths[:5] == [1, 2, 3, 4, 5]
-    assert observer.depths[-1] == 0
+    # Jobs admitted in one event-loop iteration are reported once, by the wake that follows.
+    assert observer.depths == [5, 0]
     timing = responses[0].timing_ms
     assert set(timing) == {"queue", "decode", "detect", "pose", "total"}
     assert timing["detect"] == pytest.approx(250.0) and timing["pose"] == pytest.approx(500.0)

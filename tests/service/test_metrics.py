@@ -54,7 +54,7 @@ def filled() -> Metrics:
     metrics.bind_engine(FakeEngine())
     metrics.observe_request("http", 200, 0.02)
     metrics.observe_request("grpc", "RESOURCE_EXHAUSTED", 0.001)
-    metrics.on_queue_wait(0.004)
+    metrics.on_queue_waits([0.004])
     metrics.on_batch(BatchStats(2, 0.03, 5, 0.08, [2, 3]), images=2)
     metrics.on_batch(BatchStats(0, 0.0, 1, 0.01, [1]), images=1)  # caller boxes: no detect
     return metrics
@@ -121,3 +121,41 @@ def test_no_gpu_gauges_without_cuda() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         pytest.skip("CUDA in use")
     assert b"pose_gpu_memory" not in Metrics().render()
+
+
+@pytest.mark.parametrize(
+    "amounts",
+    [
+        [0.0, 0.0005, 0.0004, 0.0006, 5.0, 7.5, 1e9, float("inf"), 0.0025, 0.0025],
+        [3.0],
+        [],
+    ],
+)
+def test_observing_a_batch_at_once_writes_what_observing_each_would(amounts: list[float]) -> None:
+    """``observe_all`` (a batch's queue waits and persons, each bucket written once) exposes the
+    same buckets, count and sum as one ``observe`` per value: values on a bound, between
+    bounds, past the last and infinite included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.metrics import observe_all
+
+    texts = []
+    for at_once in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram(
+            "h", "h", buckets=(0.0005, 0.001, 0.0025, 5.0, 10.0), registry=registry
+        )
+        if at_once:
+            observe_all(histogram, amounts)
+        else:
+            for amount in amounts:
+                histogram.observe(amount)
+        texts.append(
+            [
+                line
+                for line in generate_latest(registry).decode().splitlines()
+                if "created" not in line
+            ]
+        )
+    assert texts[0] == texts[1]
+    assert any(line.startswith("h_count") for line in texts[1])
