@@ -65,6 +65,8 @@ from model.keypoints import COCO_KEYPOINT_NAMES, COCO_OKS_SIGMAS, flip_indices
 
 logger = logging.getLogger(__name__)
 
+_PRECISIONS = frozenset(get_args(Precision))
+
 OKS_NMS_THRESHOLD = 0.9  # official oks_thr
 VIS_THRESHOLD = 0.2  # official vis_thr of the instance rescoring
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -239,9 +241,10 @@ class TopDownPipeline:
         image, options = item.image, item.options
         if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
             raise ValueError(f"item {index}: image must be a (3, H, W) uint8 tensor")
-        if image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        channels, height, width = image.shape
+        if channels != 3 or height < 1 or width < 1:
             raise ValueError(f"item {index}: image must be (3, H, W), got {tuple(image.shape)}")
-        if options.precision not in get_args(Precision):
+        if options.precision not in _PRECISIONS:
             raise ValueError(f"item {index}: unknown precision {options.precision!r}")
         if options.oks_nms and self._oks_sigmas is None:
             raise ValueError(f"item {index}: OKS-NMS needs COCO keypoints ({self.info.name})")
@@ -251,18 +254,19 @@ class TopDownPipeline:
             if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] not in (4, 5):
                 shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
                 raise ValueError(f"item {index}: boxes must be (M, 4) or (M, 5), got {shape}")
-            b = b.detach().to("cpu", torch.float32)
+            if b.device.type != "cpu" or b.dtype != torch.float32 or b.requires_grad:
+                b = b.detach().to("cpu", torch.float32)
             if b.shape[1] == 4:
                 b = torch.cat((b, torch.ones((b.shape[0], 1))), dim=1)
             # Python floats: a few boxes, where each tensor op costs more than this loop.
             for j, row in enumerate(b.tolist()):
-                if not (all(math.isfinite(v) for v in row) and row[2] > 0 and row[3] > 0):
+                if not (all(map(math.isfinite, row)) and row[2] > 0 and row[3] > 0):
                     raise ValueError(
                         f"item {index}: box {j} {row} needs finite values and a width and "
                         "height > 0"
                     )
             boxes = b
-        return _Plan(int(image.shape[1]), int(image.shape[2]), boxes, options)
+        return _Plan(height, width, boxes, options)
 
     def _boxes(
         self, images: list[torch.Tensor], plans: list[_Plan], stats: BatchStats
