@@ -316,7 +316,7 @@ class EngineClient:
                 rid,
                 DeadlineExceededError("the deadline passed before the answer"),
             )
-        self._channel.put(None, INFER, message, payload)
+        self._channel.put(None, INFER, message.to_wire(), payload)
         try:
             result = await answer
         except asyncio.CancelledError:

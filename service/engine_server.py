@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
+from typing import Any
 
 import zmq
 
@@ -142,8 +143,10 @@ class EngineServer:
             except Exception:
                 logger.exception("a malformed message from a front end was dropped")
 
-    def _submit(self, peer: bytes, message: InferMessage, payload: bytes | None) -> None:
-        """One job: exactly one RESULT or ERROR, unless the front end cancels it."""
+    def _submit(self, peer: bytes, body: tuple[Any, ...], payload: bytes | None) -> None:
+        """One job (``InferMessage.to_wire``): exactly one RESULT or ERROR, unless the front end
+        cancels it."""
+        message = InferMessage.from_wire(body)
         try:
             request = PoseRequest(
                 image=read_image(message.image, payload),
