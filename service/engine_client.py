@@ -343,9 +343,9 @@ class EngineClient:
         """Answers and state from the engine (one burst)."""
         for kind, message, _ in messages:
             if kind == RESULT:
-                future = self._pending.get(message.request_id)
+                future = self._pending.get(message[0])  # (the request id of to_wire's tuple)
                 if future is not None and not future.done():
-                    future.set_result(message)
+                    future.set_result(ResultMessage.from_wire(message))
             elif kind == ERROR:
                 error: ErrorMessage = message
                 self._settle_error(

@@ -176,7 +176,8 @@ class EngineServer:
             return
         assert self._channel is not None
         response = future.result()
-        self._channel.put(peer, RESULT, ResultMessage(rid, response.result, response.timing_ms))
+        message = ResultMessage(rid, response.result, response.timing_ms)
+        self._channel.put(peer, RESULT, message.to_wire())
 
     def _answer_error(self, peer: bytes, rid: int, exc: BaseException) -> None:
         code, text, retry = error_to_wire(exc)

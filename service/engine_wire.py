@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import zmq
 
-from model.interfaces import ImageResult, ModelDescription, PoseOptions
+from model.interfaces import ImageResult, ModelDescription, Person, PoseOptions
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +120,37 @@ class InferMessage(NamedTuple):
 
 # PoseOptions' field values in the order of its fields (``PoseOptions(*values)`` rebuilds it).
 _option_values = operator.attrgetter(*(f.name for f in dataclasses.fields(PoseOptions)))
+# Person's field values in the order of its fields (``Person(*values)`` rebuilds it).
+_person_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Person)))
 # The options of the jobs seen, by their field values: a service sees a handful of combinations
 # (PoseOptions is frozen, so one instance serves every job that asks the same).
 _OPTIONS: dict[tuple[Any, ...], PoseOptions] = {}
 _OPTIONS_KEPT = 64
 
 
-@dataclass(frozen=True)
-class ResultMessage:
+class ResultMessage(NamedTuple):
+    """One job's answer. It crosses as plain tuples, as ``InferMessage`` does (each person as
+    its field values)."""
+
     request_id: int
     result: ImageResult
     timing_ms: dict[str, float]
+
+    def to_wire(self) -> tuple[Any, ...]:
+        result = self.result
+        persons = [_person_values(person) for person in result.persons]
+        return (self.request_id, result.width, result.height, persons, self.timing_ms)
+
+    @classmethod
+    def from_wire(cls, body: tuple[Any, ...]) -> ResultMessage:
+        """The message of ``to_wire``'s tuple.
+
+        Raises:
+            ValueError, TypeError: A malformed tuple (a bug in the engine).
+        """
+        rid, width, height, persons, timing = body
+        result = ImageResult(width, height, [Person(*values) for values in persons])
+        return cls(rid, result, timing)
 
 
 @dataclass(frozen=True)

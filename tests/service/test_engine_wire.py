@@ -9,10 +9,11 @@ import pickle
 import pytest
 import torch
 
-from model.interfaces import PoseOptions
+from model.interfaces import ImageResult, Person, PoseOptions
 from service.engine_wire import (
     ImageRef,
     InferMessage,
+    ResultMessage,
     boxes_from_wire,
     boxes_to_wire,
     dumps,
@@ -80,3 +81,27 @@ def test_boxes_cross_as_float32_rows() -> None:
     assert boxes_from_wire(None) is None and boxes_to_wire(None) is None
     with pytest.raises(ValueError, match="whole"):
         boxes_from_wire(b"\x00" * 21)
+
+
+@pytest.mark.parametrize("sigmas", [False, True])
+def test_a_result_crosses_as_plain_tuples_and_comes_back_equal(sigmas: bool) -> None:
+    persons = [
+        Person(
+            bbox=(1.0 + i, 2.0, 30.5, 40.25),
+            bbox_score=0.5 + i / 10,
+            score=0.25 * i,
+            keypoints=[(float(k), k / 2, k / 17) for k in range(17)],
+            sigmas=[(0.5, float(k)) for k in range(17)] if sigmas else None,
+        )
+        for i in range(3)
+    ]
+    message = ResultMessage(7, ImageResult(640, 480, persons), {"queue": 1.5, "total": 3.0})
+    data = dumps([(b"result", message.to_wire(), None)])
+    for name in ("ResultMessage", "ImageResult", "Person"):
+        assert name.encode() not in data
+    ((_, received, _),) = loads(data)
+    again = ResultMessage.from_wire(received)
+    assert again == message
+    assert all(isinstance(p, Person) for p in again.result.persons)
+    empty = ResultMessage(8, ImageResult(1, 1, []), {})
+    assert ResultMessage.from_wire(loads(dumps(empty.to_wire()))) == empty
