@@ -99,7 +99,7 @@ class PoseRequest:
             (3, H, W) uint8 RGB tensor.
         boxes: [x, y, w, h(, score)] person boxes in pixels as parsed (rows of numbers, or an
             (M, 4|5) tensor), or None to detect; validated by the engine
-            (``service.validation``).
+            (``service.validation``) unless ``checked``.
         options: Per-request pose options.
         deadline: ``time.monotonic()`` seconds after which the answer is no longer wanted.
         return_image: Put the decoded image in the answer (to draw on it): the image is decoded
