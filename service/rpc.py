@@ -174,14 +174,14 @@ def _tag(number: int, wire_type: int) -> int:
     return number << 3 | wire_type
 
 
-@functools.lru_cache(maxsize=256)
-def _person_records(count: int, keypoints: int, sigmas: bool) -> tuple[bytes, np.dtype[Any]]:
-    """``count`` person records with every tag and length written and every value zero, and
-    their dtype (``np.frombuffer(bytearray(template), dtype)`` is a writable copy; copying a
-    structured array itself costs 20 times more)."""
+@functools.lru_cache(maxsize=16)
+def _person_record(keypoints: int, sigmas: bool) -> tuple[bytes, np.dtype[Any]]:
+    """One person record with every tag and length written and every value zero, and its dtype
+    (``np.frombuffer(bytearray(record * count), dtype)`` is ``count`` writable records; copying
+    a structured array itself costs 20 times more)."""
     point = _keypoint_dtype(sigmas)
     dtype = np.dtype([("head", _HEAD), ("keypoints", point, (keypoints,))])
-    records = np.zeros(count, dtype)
+    records = np.zeros(1, dtype)
     head = records["head"]
     head["box_tag"] = _tag(1, 2)
     head["box_length"] = _HEAD.itemsize - 2 - 5  # the five Box fields, not the tag or score
@@ -219,8 +219,8 @@ def _persons_wire(persons: Sequence[Person], track_ids: Sequence[int] | None = N
             for i, p in enumerate(persons)
         )
     count = len(persons)
-    template, dtype = _person_records(count, keypoints, sigmas)
-    records = np.frombuffer(bytearray(template), dtype)
+    record, dtype = _person_record(keypoints, sigmas)
+    records = np.frombuffer(bytearray(record * count), dtype)
     chain = itertools.chain.from_iterable
     with np.errstate(over="ignore"):  # a value past float32 is written as inf, as protobuf does
         head = np.fromiter(
