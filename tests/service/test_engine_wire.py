@@ -79,6 +79,8 @@ def test_boxes_cross_as_float32_rows() -> None:
     assert torch.equal(back, boxes)
     back[0, 0] = 99.0  # its own memory, writable
     assert boxes_from_wire(None) is None and boxes_to_wire(None) is None
+    none = boxes_from_wire(boxes_to_wire(parse_boxes([], RequestLimits())))
+    assert none is not None and none.shape == (0, 5)  # "no boxes" stays "no persons", not "detect"
     with pytest.raises(ValueError, match="whole"):
         boxes_from_wire(b"\x00" * 21)
 
