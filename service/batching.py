@@ -281,6 +281,7 @@ class BatchQueue:
         self._reserved_work = 0.0  # their crops
         self._closed = False
         self._rates: dict[int, float] = {}  # worker -> crops / s, EWMA over its batches
+        self._measured_rate = (0, 0.0)  # (workers measured, their crops / s): read per admission
         self._running: set[Job] = set()  # taken by workers and not finished
         self._running_work = 0.0  # their crops (admission reads it for every job)
         self._batch_s: float | None = None  # seconds of one batch, EWMA
@@ -519,6 +520,8 @@ class BatchQueue:
         with self._cv:
             work = self._measured_work_locked(jobs, stats)
             self._rates[worker] = _ewma(self._rates.get(worker), work / max(seconds, 1e-6))
+            rates = [r for r in self._rates.values() if r > 0]
+            self._measured_rate = (len(rates), sum(rates))
             self._batch_s = _ewma(self._batch_s, seconds)
         if curve is not None:
             curve.observe(work, seconds)
@@ -555,10 +558,10 @@ class BatchQueue:
     def _expected_wait_locked(self, workers: int) -> float | None:
         """Seconds before a job admitted now starts: the crops ahead of it (queued, decoding and
         running) at the workers' measured rate; None before any batch has run."""
-        rates = [r for r in self._rates.values() if r > 0]
-        if not rates:
+        measured, rate = self._measured_rate
+        if not measured:
             return None
         # Workers not measured yet are counted at the mean of those measured.
-        total = sum(rates) * max(workers, len(rates)) / len(rates)
+        total = rate * max(workers, measured) / measured
         ahead = self._reserved_work + self._running_work
         return ahead / total

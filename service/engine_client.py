@@ -56,6 +56,7 @@ from service.engine_wire import (
     Message,
     ResultMessage,
     boxes_to_wire,
+    inline_payload,
 )
 from service.errors import (
     DeadlineExceededError,
@@ -239,7 +240,7 @@ class EngineClient:
 
     async def _prepare(
         self, request: PoseRequest, boxes: torch.Tensor | None
-    ) -> tuple[ImageRef, bytes | None, torch.Tensor | None, float]:
+    ) -> tuple[ImageRef, bytes | bytearray | None, torch.Tensor | None, float]:
         """Decode (in the pool), check the image and the ``boxes`` against it, and place it: in
         the message, in shared memory, or encoded for the engine's GPU decoder (which checks
         the boxes once it has decoded it)."""
@@ -272,13 +273,13 @@ class EngineClient:
         image = image.cpu()
         shape = tuple(int(v) for v in image.shape)
         if image.nbytes <= INLINE_LIMIT_BYTES:
-            payload = image.contiguous().numpy().tobytes()
+            payload = inline_payload(image)
             return ImageRef("inline", shape), payload, image, time.monotonic() - t0
         try:
             path = await loop.run_in_executor(self._pool, self._files.write, image)
         except OSError as exc:  # /dev/shm full (a container's is 64 MiB) or gone: a copy
             logger.warning("shared memory refused an image (%s): sending it inline", exc)
-            payload = image.contiguous().numpy().tobytes()
+            payload = inline_payload(image)
             return ImageRef("inline", shape), payload, image, time.monotonic() - t0
         return ImageRef("file", shape, path), None, image, time.monotonic() - t0
 
@@ -287,7 +288,7 @@ class EngineClient:
         request: PoseRequest,
         boxes: torch.Tensor | None,
         ref: ImageRef,
-        payload: bytes | None,
+        payload: bytes | bytearray | None,
         image: torch.Tensor | None,
         decode_s: float,
         t_submit: float,

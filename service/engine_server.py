@@ -143,7 +143,9 @@ class EngineServer:
             except Exception:
                 logger.exception("a malformed message from a front end was dropped")
 
-    def _submit(self, peer: bytes, body: tuple[Any, ...], payload: bytes | None) -> None:
+    def _submit(
+        self, peer: bytes, body: tuple[Any, ...], payload: bytes | bytearray | None
+    ) -> None:
         """One job (``InferMessage.to_wire``): exactly one RESULT or ERROR, unless the front end
         cancels it."""
         message = InferMessage.from_wire(body)

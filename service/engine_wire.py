@@ -184,7 +184,7 @@ class EngineState:
     frontends: int = 0
 
 
-Message = tuple[bytes, Any, bytes | None]  # (kind, body, payload)
+Message = tuple[bytes, Any, bytes | bytearray | None]  # (kind, body, payload)
 
 
 def dumps(body: object) -> bytes:
@@ -236,7 +236,9 @@ class Channel:
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)  # anything that came before the reader
 
-    def put(self, peer: bytes | None, kind: bytes, body: Any, payload: bytes | None = None) -> None:
+    def put(
+        self, peer: bytes | None, kind: bytes, body: Any, payload: bytes | bytearray | None = None
+    ) -> None:
         """Queue one message; it leaves at the end of this event-loop iteration."""
         self._queued.setdefault(peer, []).append((kind, body, payload))
         if not self._scheduled:
@@ -348,7 +350,13 @@ def boxes_from_wire(data: bytes | None) -> torch.Tensor | None:
     return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(-1, 5).copy())
 
 
-def read_image(ref: ImageRef, payload: bytes | None) -> torch.Tensor | bytes:
+def inline_payload(image: torch.Tensor) -> bytearray:
+    """A decoded CPU image's pixels for an ``"inline"`` INFER: a bytearray, so that the engine
+    can read them in place (``read_image``)."""
+    return bytearray(image.contiguous().numpy().data)
+
+
+def read_image(ref: ImageRef, payload: bytes | bytearray | None) -> torch.Tensor | bytes:
     """The engine's side: the (3, H, W) uint8 image of an INFER (mapped from shared memory, not
     copied), or the encoded bytes for its device decoder.
 
@@ -359,17 +367,18 @@ def read_image(ref: ImageRef, payload: bytes | None) -> torch.Tensor | bytes:
     if ref.kind == "encoded":
         if payload is None:
             raise ValueError("an encoded image without its bytes")
-        return payload
+        return bytes(payload)  # (bytes already: no copy)
     if len(ref.shape) != 3 or ref.shape[0] != 3:
         raise ValueError(f"a decoded image must be (3, H, W), got {ref.shape}")
     size = ref.shape[0] * ref.shape[1] * ref.shape[2]
     if ref.kind == "inline":
         if payload is None or len(payload) != size:
             raise ValueError("an inline image's bytes do not match its shape")
-        # A copy (the message's bytes are read-only; inline images are small), made by numpy:
-        # torch.frombuffer and view cost twice as much on the engine's event loop.
+        # A front end sends a bytearray (``inline_payload``), which unpickles writable: the
+        # tensor is a view of it. Read-only bytes are copied (by numpy: torch.frombuffer and
+        # view cost twice as much on the engine's event loop).
         pixels = np.frombuffer(payload, dtype=np.uint8).reshape(ref.shape)
-        return torch.from_numpy(pixels.copy())
+        return torch.from_numpy(pixels if isinstance(payload, bytearray) else pixels.copy())
     if ref.kind == "file":
         # MAP_PRIVATE: the pages are the front end's, read in place.
         flat = torch.from_file(ref.path, shared=False, size=size, dtype=torch.uint8)
