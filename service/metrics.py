@@ -241,7 +241,7 @@ class Metrics:
             sizes["pose"].observe(stats.pose_crops)
             seconds["pose"].observe(max(stats.pose_seconds, 0.0))
         observe_all(self.persons_per_image, stats.persons_per_image)
-        if self.multiprocess and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.multiprocess and torch.cuda.is_initialized():  # (implies available; 2 us less)
             for device, values in _gpu_memory().items():
                 for name, value in values.items():
                     self._gpu_memory[name].labels(device=device).set(value)
