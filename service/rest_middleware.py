@@ -282,9 +282,7 @@ class DirectRoutes:
                 await self.authorize(request)
             response = await endpoint(request)
         except Exception as exc:
-            handler = next(
-                (self.handlers[c] for c in type(exc).__mro__ if c in self.handlers), None
-            )
+            handler = self._handler_of(exc)
             if handler is None:
                 raise
             response = await handler(request, exc)

@@ -17,7 +17,7 @@
   pixels, and the errors, are the same either way.
 
 Header probing and batched decoding on a worker's device live in ``service.gpu_decode``; the
-request's boxes and options are validated once, by the engine (``service.validation``).
+request's boxes and options are validated once, with the engine's rules (``service.validation``).
 """
 
 from __future__ import annotations
