@@ -6,6 +6,9 @@ queued, or when the oldest queued job has waited ``max_delay_s`` (only the first
 waits; 0 takes what is queued and goes), or at once when every queued job is ``eager``: a tracked
 stream's frame, whose next frame waits for its answer, so that waiting would only add latency to a
 lone stream (frames of other streams still batch with it whenever they are queued together).
+A worker waiting for its batch to fill is woken when the batch is due, not by every job that
+leaves it short: each wake-up costs a thread switch and the GIL, once per job for jobs that
+arrive one by one.
 
 Work is counted in crops (a job's caller boxes; for an image the detector reads, the persons it
 finds plus the detector's own cost in crop-equivalents, both measured), not images. A worker with
@@ -291,6 +294,10 @@ class BatchQueue:
         # One consumer forms a batch at a time, so that concurrent jobs coalesce instead of
         # spreading one by one over idle workers.
         self._form_lock = threading.Lock()
+        # While that consumer waits for its batch to fill: the crops at which the batch is due
+        # (inf: only at ``max_batch_size`` jobs), so that a job that does not complete the batch
+        # does not wake it (``_notify_locked``). None: it waits for any job, or does not wait.
+        self._filling: float | None = None
 
     def depth(self) -> int:
         """Jobs admitted and not yet running (being decoded or queued)."""
@@ -359,7 +366,7 @@ class BatchQueue:
         """Wake the consumers for jobs queued with ``wake=False`` (and report the depth)."""
         with self._cv:
             self._on_depth(self._reserved)
-            self._cv.notify_all()
+            self._notify_locked()
 
     def _append_locked(self, job: Job, wake: bool = True) -> None:
         job.t_queued = time.monotonic()
@@ -368,6 +375,18 @@ class BatchQueue:
             self._served[job.source] = min(self._served.values(), default=0.0)
         self._queue.append(job)
         if wake:
+            self._notify_locked()
+
+    def _notify_locked(self) -> None:
+        """Wake the consumers for newly queued jobs, unless the one filling a batch would only
+        find it still not due: each wake costs it a thread switch and the GIL, and jobs that
+        arrive one by one would pay that once each. It still wakes at the oldest job's delay."""
+        target = self._filling
+        if (
+            target is None
+            or len(self._queue) >= self.max_batch_size
+            or sum(job.work for job in self._queue) >= target
+        ):
             self._cv.notify_all()
 
     def release(self, job: Job) -> None:
@@ -426,7 +445,11 @@ class BatchQueue:
                 remaining = self._queue[0].t_queued + self.max_delay_s - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cv.wait(remaining)
+                self._filling = math.inf if crops is None else crops
+                try:
+                    self._cv.wait(remaining)
+                finally:
+                    self._filling = None
             if curve is not None:
                 crops = curve.plan(queued)
             now = time.monotonic()

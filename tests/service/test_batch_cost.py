@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Callable
 
@@ -250,6 +251,55 @@ def test_a_batch_holds_the_crops_the_curve_says_pay() -> None:
     assert take(queue, curve) == jobs[:2]
     assert take(queue, curve) == jobs[2:4]
     assert take(queue) == jobs[4:]  # without a curve: max_batch_size alone
+
+
+def pay_three_crops() -> CostCurve:
+    curve = CostCurve()
+    for size, per_crop in {1: 0.13, 2: 0.11, 3: 0.09, 4: 0.1}.items():
+        curve.seed(size, per_crop)
+    return curve
+
+
+@pytest.mark.parametrize(("due", "curve"), [(4, None), (3, pay_three_crops())])
+def test_a_consumer_filling_a_batch_is_woken_once_it_is_due(
+    due: int, curve: CostCurve | None
+) -> None:
+    """Jobs that leave a batch short (of ``max_batch_size`` jobs, or of the crops the curve
+    says pay) do not wake the consumer waiting for it to fill: each wake costs a thread switch
+    and the GIL. The job that completes it does, long before the delay."""
+    queue = BatchQueue(
+        max_batch_size=4, max_delay_s=600.0, max_queue_size=100, on_depth=lambda d: None
+    )
+    wakes: list[int] = []  # jobs queued at each wake-up call
+    notify_all = queue._cv.notify_all
+
+    def counted() -> None:
+        wakes.append(len(queue._queue))
+        notify_all()
+
+    queue._cv.notify_all = counted  # type: ignore[method-assign]
+    taken: list[tuple[list[Job], list[Job]] | None] = []
+    consumer = threading.Thread(target=lambda: taken.append(queue.next_batch(curve)), daemon=True)
+    consumer.start()
+    try:
+        jobs = [make_job(1) for _ in range(due)]
+        queue.admit(jobs[0])  # wakes the idle consumer, which starts filling a batch
+        assert wakes == [1]
+        waited = time.monotonic() + 2.0  # until it waits again, now for the batch to fill
+        while getattr(queue, "_filling", None) is None and time.monotonic() < waited:
+            time.sleep(0.001)
+        before = len(wakes)
+        for job in jobs[1:-1]:
+            queue.admit(job)
+        assert len(wakes) == before  # short of due: the consumer sleeps on
+        queue.admit(jobs[-1])
+        consumer.join(timeout=5.0)
+        assert not consumer.is_alive(), "the batch was due and the consumer was not woken"
+        assert wakes[before:] == [due]
+        assert taken == [(jobs, [])]
+    finally:
+        queue.close()  # a consumer still waiting returns None
+        consumer.join(timeout=5.0)
 
 
 def test_a_job_bigger_than_the_budget_runs_alone_and_images_stay_bounded() -> None:
