@@ -380,12 +380,15 @@ class BatchQueue:
     def _notify_locked(self) -> None:
         """Wake the consumers for newly queued jobs, unless the one filling a batch would only
         find it still not due: each wake costs it a thread switch and the GIL, and jobs that
-        arrive one by one would pay that once each. It still wakes at the oldest job's delay."""
+        arrive one by one would pay that once each. It still wakes at the oldest job's delay.
+        (Due: ``max_batch_size`` jobs, the crops it waits for, or only eager jobs queued, as
+        when the job it waited for was cancelled and a stream's frame came.)"""
         target = self._filling
         if (
             target is None
             or len(self._queue) >= self.max_batch_size
             or sum(job.work for job in self._queue) >= target
+            or all(job.eager for job in self._queue)
         ):
             self._cv.notify_all()
 

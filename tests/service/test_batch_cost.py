@@ -302,6 +302,34 @@ def test_a_consumer_filling_a_batch_is_woken_once_it_is_due(
         consumer.join(timeout=5.0)
 
 
+def test_an_eager_frame_behind_a_cancelled_job_is_not_held_for_the_delay() -> None:
+    """The job a consumer was filling a batch for is cancelled, and a tracked stream's frame
+    (eager) comes: only eager jobs are queued, so the batch is due at once, as it is for an eager
+    job queued alone."""
+    queue = BatchQueue(
+        max_batch_size=4, max_delay_s=600.0, max_queue_size=100, on_depth=lambda d: None
+    )
+    taken: list[tuple[list[Job], list[Job]] | None] = []
+    consumer = threading.Thread(target=lambda: taken.append(queue.next_batch()), daemon=True)
+    consumer.start()
+    try:
+        waiting = make_job(1)
+        queue.admit(waiting)
+        waited = time.monotonic() + 2.0  # until it waits for the batch to fill
+        while getattr(queue, "_filling", None) is None and time.monotonic() < waited:
+            time.sleep(0.001)
+        queue.release(waiting)  # its caller went away
+        frame = make_job(1)
+        frame.eager = True
+        queue.admit(frame)
+        consumer.join(timeout=5.0)
+        assert not consumer.is_alive(), "the eager frame was held for the delay"
+        assert taken == [([frame], [])]
+    finally:
+        queue.close()
+        consumer.join(timeout=5.0)
+
+
 def test_a_job_bigger_than_the_budget_runs_alone_and_images_stay_bounded() -> None:
     curve = CostCurve()
     curve.seed(2, 0.09)
