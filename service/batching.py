@@ -295,8 +295,8 @@ class BatchQueue:
         # spreading one by one over idle workers.
         self._form_lock = threading.Lock()
         # While that consumer waits for its batch to fill: the crops at which the batch is due
-        # (inf: only at ``max_batch_size`` jobs), so that a job that does not complete the batch
-        # does not wake it (``_notify_locked``). None: it waits for any job, or does not wait.
+        # (inf: its worker has no curve), so that a job that does not make the batch due does
+        # not wake it (``_notify_locked``). None: it waits for any job, or does not wait.
         self._filling: float | None = None
 
     def depth(self) -> int:
@@ -380,17 +380,20 @@ class BatchQueue:
     def _notify_locked(self) -> None:
         """Wake the consumers for newly queued jobs, unless the one filling a batch would only
         find it still not due: each wake costs it a thread switch and the GIL, and jobs that
-        arrive one by one would pay that once each. It still wakes at the oldest job's delay.
-        (Due: ``max_batch_size`` jobs, the crops it waits for, or only eager jobs queued, as
-        when the job it waited for was cancelled and a stream's frame came.)"""
+        arrive one by one would pay that once each. It still wakes at the oldest job's delay."""
         target = self._filling
-        if (
-            target is None
-            or len(self._queue) >= self.max_batch_size
-            or sum(job.work for job in self._queue) >= target
-            or all(job.eager for job in self._queue)
-        ):
+        if target is None or self._due_locked(sum(job.work for job in self._queue), target):
             self._cv.notify_all()
+
+    def _due_locked(self, queued: float, crops: float | None) -> bool:
+        """Whether the queued jobs (``queued`` crops of work) make a batch now, before any
+        delay: ``max_batch_size`` jobs, the ``crops`` of the worker's curve, or nothing but
+        eager jobs (waiting would only delay a stream's frame)."""
+        return (
+            len(self._queue) >= self.max_batch_size
+            or (crops is not None and queued >= crops)
+            or all(job.eager for job in self._queue)
+        )
 
     def release(self, job: Job) -> None:
         """Move ``job`` to ``DONE`` from any state, freeing its slot and taking it off the queue."""
@@ -438,12 +441,8 @@ class BatchQueue:
                     return None
                 queued = sum(job.work for job in self._queue)
                 crops = curve.batch_size(queued) if curve is not None else None
-                if len(self._queue) >= self.max_batch_size or self.max_delay_s <= 0:
+                if self.max_delay_s <= 0 or self._due_locked(queued, crops):
                     break
-                if crops is not None and queued >= crops:
-                    break
-                if all(job.eager for job in self._queue):
-                    break  # nothing else is queued: waiting would only delay a stream's frame
                 # Only the oldest job waits; recomputed each time, as it may have been cancelled.
                 remaining = self._queue[0].t_queued + self.max_delay_s - time.monotonic()
                 if remaining <= 0:
