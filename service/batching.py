@@ -107,10 +107,24 @@ class CostCurve:
         self.planned: int | None = None  # the size of the batch formed last (None: no bound)
         self._batches = 0
         self._probe_up = True
+        # What the figures say, worked out when one changes (once per batch), not each time a
+        # batch is sized (three times per batch, on the worker's per-batch path): the best size,
+        # the largest size measured, and the smallest within ``_TOLERANCE`` of the lowest cost.
+        self._best: int | None = None
+        self._largest = 0
+        self._near_best = 0
+
+    def _changed(self) -> None:
+        figures = self._per_crop
+        lowest = min(figures.values())
+        self._best = min(s for s, v in figures.items() if v <= lowest * (1 + _PAYS))
+        self._largest = max(figures)
+        self._near_best = min(s for s, v in figures.items() if v <= lowest * (1 + _TOLERANCE))
 
     def seed(self, size: int, seconds_per_crop: float) -> None:
         """Set the figure of ``size`` (a ``CURVE_SIZES`` entry) from a calibration."""
         self._per_crop[_nearest_size(size)] = seconds_per_crop
+        self._changed()
 
     def observe(self, work: float, seconds: float) -> None:
         """Feed a call of ``work`` crops that took ``seconds``, run in forwards of at most the
@@ -120,13 +134,14 @@ class CostCurve:
         forward = work if self.planned is None else min(work, self.planned)
         size = _nearest_size(forward)
         self._per_crop[size] = _ewma(self._per_crop.get(size), seconds / work)
+        self._changed()
 
     def plan(self, queued: float) -> int | None:
         """The size of the batch about to be formed from ``queued`` crops: ``batch_size``, or
         every ``_PROBE_EVERY`` batches a size next to the best (up when that much is queued,
         and down, in turn). Remembered as ``planned`` for ``observe`` and the worker's chunk."""
         size = self.batch_size(queued)
-        best = self.best_size()
+        best = self._best
         self._batches += 1
         if best is not None and self._batches % _PROBE_EVERY == 0:
             i = CURVE_SIZES.index(best)
@@ -145,10 +160,7 @@ class CostCurve:
     def best_size(self) -> int | None:
         """The smallest size within ``_PAYS`` of the lowest cost per crop measured (the best
         throughput); None before anything is measured."""
-        if not self._per_crop:
-            return None
-        lowest = min(self._per_crop.values())
-        return min(s for s, v in self._per_crop.items() if v <= lowest * (1 + _PAYS))
+        return self._best
 
     def batch_size(self, queued: float) -> int | None:
         """Most crops the next batch should hold, given ``queued`` crops waiting.
@@ -162,17 +174,15 @@ class CostCurve:
         Returns:
             Crops, or None before anything is measured (no bound from the curve).
         """
-        best = self.best_size()
+        best = self._best
         if best is None:
             return None
-        sizes = sorted(self._per_crop)
-        lowest = min(self._per_crop.values())
-        if best == sizes[-1] and queued > best:
+        if best == self._largest and queued > best:
             bigger = CURVE_SIZES.index(best) + 1
             return CURVE_SIZES[bigger] if bigger < len(CURVE_SIZES) else best
         if queued >= _BACKLOG_BATCHES * best:
             return best
-        return next(s for s in sizes if self._per_crop[s] <= lowest * (1 + _TOLERANCE))
+        return self._near_best
 
 
 def sweep_sizes(
