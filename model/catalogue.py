@@ -297,6 +297,19 @@ def names(role: Role) -> list[str]:
     return [name for name, spec in CATALOGUE.items() if spec.role == role]
 
 
+def exportable() -> list[str]:
+    """Models ``model.export.export_model`` exports: all but the torchvision detectors and the
+    models without a network (``identity``), each pose model followed by its ROI finder
+    (``ModelSpec.rois``)."""
+    exported: list[str] = []
+    for name, spec in CATALOGUE.items():
+        if spec.weights not in ("torchvision", "none"):
+            exported.append(name)
+        if spec.rois is not None and spec.rois not in exported:
+            exported.append(spec.rois)
+    return exported
+
+
 def spec_of(name: str, role: Role) -> ModelSpec:
     """The catalogue entry of ``name``, which must have ``role``.
 

@@ -471,21 +471,6 @@ def export_cached(net: Any, name: str, cache_dir: Path | str, source_weights_sha
     return path
 
 
-def exportable() -> list[str]:
-    """Catalogue models ``export_model`` exports: all but the torchvision detectors and the models
-    without a network (``identity``), each pose model followed by its ROI finder
-    (``ModelSpec.rois``)."""
-    from model.catalogue import CATALOGUE
-
-    names: list[str] = []
-    for name, spec in CATALOGUE.items():
-        if spec.weights not in ("torchvision", "none"):
-            names.append(name)
-        if spec.rois is not None and spec.rois not in names:
-            names.append(spec.rois)
-    return names
-
-
 def export_model(
     name: str | None,
     weights: Path | str | None,
@@ -497,7 +482,8 @@ def export_model(
     """Build a catalogue model on the CPU from its weights and export it (``export_onnx``).
 
     Args:
-        name: an ``exportable()`` name; None infers the DistilPose variant from ``weights``.
+        name: a ``model.catalogue.exportable()`` name; None infers the DistilPose variant from
+            ``weights``.
         weights: the DistilPose weight file (required for DistilPose); for a "cache" model or a
             ROI finder its cached file, or None for the one in ``cache_dir``.
         output: the ONNX file; default ``<name>.onnx`` in the working directory.
@@ -511,7 +497,13 @@ def export_model(
         ExportError: the export failed or does not match PyTorch.
     """
     from model import create_model
-    from model.catalogue import CATALOGUE, build_detector, build_pose_model, cache_dir_of
+    from model.catalogue import (
+        CATALOGUE,
+        build_detector,
+        build_pose_model,
+        cache_dir_of,
+        exportable,
+    )
     from model.reference import default_cache_dir, load_body_rois
 
     if opset < OPSET:

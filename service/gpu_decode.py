@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from service.jpeg_header import read_jpeg_header
 from service.uploads import open_header
@@ -147,6 +146,11 @@ def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[to
     """
     if not datas:
         return []
+    # Imported here, not with the module: front-end processes import this module (to probe
+    # headers) and never decode on a device, and importing torchvision (with its models and
+    # torch._dynamo) costs a process about 2 s of start-up and 165 MB of memory.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     decoded = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
     return list(decoded)
 

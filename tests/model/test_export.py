@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from model import create_model, crops
+from model.catalogue import exportable
 from model.export import (
     BLAZEPOSE_TOLERANCES,
     DETECTOR_TOLERANCES,
@@ -29,7 +30,6 @@ from model.export import (
     check_onnx,
     export_cached,
     export_model,
-    exportable,
     read_metadata,
     verify_onnx,
 )

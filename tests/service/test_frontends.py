@@ -394,6 +394,19 @@ def test_cancelled_and_expired_requests_never_reach_compute(tmp_path: Path) -> N
 
 
 @TWO
+def test_frontends_do_not_load_torchvision(service: Service) -> None:
+    """A front end decodes on the CPU and never on a device: it does not import torchvision,
+    which would cost each front end about 2 s of start-up (a restart included) and 160 MB."""
+    maps = [Path(f"/proc/{pid}/maps") for pid in _pids(service)["frontend_pids"]]
+    if not all(path.exists() for path in maps):
+        pytest.skip("no /proc: cannot see what a process has mapped")
+    for path in maps:
+        mapped = path.read_text()
+        assert "/torch/" in mapped  # (the probe sees libraries: torch itself is mapped)
+        assert "/torchvision/" not in mapped, path
+
+
+@TWO
 def test_decoded_images_leave_no_files(service: Service) -> None:
     run_dir = Path(next(e["run_dir"] for e in service.lines() if "run_dir" in e))
     with httpx.Client(base_url=service.http, timeout=30) as client:

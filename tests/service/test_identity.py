@@ -19,8 +19,7 @@ import pytest
 import torch
 
 import service.__main__ as cli
-from model.catalogue import CATALOGUE, names
-from model.export import exportable
+from model.catalogue import CATALOGUE, exportable, names
 from model.identity import IdentityPipeline, IdentityPoseModel
 from model.interfaces import PipelineItem, PoseOptions
 from model.pipeline import build_pipeline
