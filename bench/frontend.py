@@ -6,7 +6,8 @@ server spends is plumbing: HTTP or gRPC parsing, decoding a 64x48 JPEG, validati
 engine process, batching, serialisation, metrics, the access log. The figure is **server CPU per
 answered request**, summed over the server's whole process tree and read from ``/proc`` (so it
 does not depend on how fast the load generator is), plus the engine process's own share and
-requests/s (which do depend on it: the load generator shares the machine).
+requests/s (which do depend on it: the load generator shares the machine). Each target's start-up
+is recorded too: seconds from the command to ready, and the memory (RSS, PSS) of each process.
 
 The load generator is lean on purpose: HTTP requests are pre-built bytes written on keep-alive
 asyncio streams, gRPC goes through ``grpc.aio`` (unary calls; a stream keeps ``--window`` frames in
@@ -73,6 +74,7 @@ class Target:
     log: Path
     engine_pid: int | None = None
     modes: tuple[str, ...] = field(default=MODES)
+    ready_s: float = 0.0  # from the command's start to ready (every front end, for the service)
 
     def tree_pids(self) -> list[int]:
         """The server process and all its descendants, now."""
@@ -90,6 +92,24 @@ class Target:
             tree += children
             frontier = children
         return tree
+
+    def start_up(self) -> dict[str, Any]:
+        """Time to ready, and the memory of each process of the tree now: RSS, and PSS (shared
+        pages such as torch's libraries split between the processes that map them), in MB."""
+        processes = []
+        for pid in self.tree_pids():
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            except OSError:
+                continue
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in rollup[1:]}
+            processes.append({"pid": pid, "rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024})
+        return {
+            "target": self.name,
+            "ready_s": self.ready_s,
+            "pss_mb": sum(p["pss_mb"] for p in processes),
+            "processes": processes,
+        }
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -135,13 +155,16 @@ def start_target(name: str, log_dir: Path, device: str = "cpu") -> Target:
         http_port, modes = None, ("grpc-unary", "grpc-stream")
     else:
         raise ValueError(f"unknown target {name}")
+    t0 = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     target = Target(name, process, http_port, grpc_port, log, modes=modes)
     _wait_ready(target)
+    target.ready_s = time.monotonic() - t0
     if name.startswith("service-") and name != "service-1":
+        time.sleep(1.0)  # both front ends listening (ready means all are)
         for line in log.read_text().splitlines():
             if '"processes started"' in line:
                 target.engine_pid = json.loads(line)["engine_pid"]
@@ -157,8 +180,6 @@ def _wait_ready(target: Target, timeout_s: float = 120.0) -> None:
             if target.http_port is not None:
                 url = f"http://127.0.0.1:{target.http_port}/readyz"
                 if httpx.get(url, timeout=2).status_code == 200:
-                    if target.name.startswith("service-") and target.name != "service-1":
-                        time.sleep(1.0)  # both front ends listening (ready means all are)
                     return
             else:
                 import grpc
@@ -320,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     env = environment(args.device)
     rows = []
+    start_up = []
     for name in args.targets:
         target = start_target(name, log_dir, args.device)
+        start_up.append(target.start_up())
+        print(json.dumps(start_up[-1]), flush=True)
         try:
             for mode in [m for m in args.modes if m in target.modes]:
                 for concurrency in args.concurrency:
@@ -334,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
         finally:
             target.stop()
-    path = write_result("frontend", args.device, args, rows, out_dir=args.out_dir, env=env)
+    path = write_result(
+        "frontend",
+        args.device,
+        args,
+        rows,
+        out_dir=args.out_dir,
+        env=env,
+        extra={"start_up": start_up},
+    )
     print(f"wrote {path}", flush=True)
     return 0
 

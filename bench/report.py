@@ -247,7 +247,22 @@ def frontend_tables(doc: dict[str, Any]) -> str:
     ]
     header = ["target", "mode", "C", "server CPU ms/req", "engine ms/req", "in kernel", "req/s"]
     header.append("not ok")
-    return _table(header, rows)
+    text = _table(header, rows)
+    start_up = doc.get("start_up")
+    if start_up:
+        rows = [
+            [
+                s["target"],
+                _f(s["ready_s"], 1),
+                str(len(s["processes"])),
+                _f(s["pss_mb"], 0),
+                " / ".join(_f(p["rss_mb"], 0) for p in s["processes"]),
+            ]
+            for s in start_up
+        ]
+        header = ["target", "ready s", "processes", "PSS MB", "RSS MB per process"]
+        text += "\n\nStart-up:\n\n" + _table(header, rows)
+    return text
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
