@@ -394,10 +394,12 @@ def test_cancelled_and_expired_requests_never_reach_compute(tmp_path: Path) -> N
 
 
 @TWO
-def test_frontends_do_not_load_torchvision(service: Service) -> None:
-    """A front end decodes on the CPU and never on a device: it does not import torchvision,
-    which would cost each front end about 2 s of start-up (a restart included) and 160 MB."""
-    maps = [Path(f"/proc/{pid}/maps") for pid in _pids(service)["frontend_pids"]]
+def test_frontends_and_the_parent_do_not_load_torchvision(service: Service) -> None:
+    """A front end decodes on the CPU and never on a device, and the parent only supervises:
+    neither imports torchvision, which would cost each about 2 s of start-up (a front end's
+    restart included) and 160 MB."""
+    pids = [*_pids(service)["frontend_pids"], service.process.pid]
+    maps = [Path(f"/proc/{pid}/maps") for pid in pids]
     if not all(path.exists() for path in maps):
         pytest.skip("no /proc: cannot see what a process has mapped")
     for path in maps:
