@@ -117,9 +117,13 @@ class CostCurve:
     def _changed(self) -> None:
         figures = self._per_crop
         lowest = min(figures.values())
-        self._best = min(s for s, v in figures.items() if v <= lowest * (1 + _PAYS))
+
+        def smallest_within(share: float) -> int:
+            return min(s for s, v in figures.items() if v <= lowest * (1 + share))
+
+        self._best = smallest_within(_PAYS)
         self._largest = max(figures)
-        self._near_best = min(s for s, v in figures.items() if v <= lowest * (1 + _TOLERANCE))
+        self._near_best = smallest_within(_TOLERANCE)
 
     def seed(self, size: int, seconds_per_crop: float) -> None:
         """Set the figure of ``size`` (a ``CURVE_SIZES`` entry) from a calibration."""
