@@ -11,17 +11,33 @@ It lives here rather than in ``model/distilpose.py`` because ``model.weights`` n
 architecture to validate files strictly, and the architecture must not depend on file handling.
 ``model.weights`` is imported when ``create_model`` runs, not with the package, so that
 ``python -m model.weights`` (the converter CLI) does not import that module twice.
+
+Importing the package imports no PyTorch: ``model.distilpose`` (and torch) load on first use of
+its names here, so that a process that only reads the catalogue or the interfaces (the service's
+supervising parent, the CLI's parser) does not spend 2 s and hundreds of MB on torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from model.distilpose import VARIANTS, DistilPose, DistilPoseConfig, DistilPoseOutput
+    from model.distilpose import VARIANTS, DistilPose, DistilPoseConfig, DistilPoseOutput
 
 __all__ = ["VARIANTS", "DistilPose", "DistilPoseConfig", "DistilPoseOutput", "create_model"]
+_FROM_DISTILPOSE = frozenset(__all__) - {"create_model"}
+
+
+def __getattr__(name: str) -> Any:
+    """``VARIANTS`` and the classes, from ``model.distilpose`` when first asked for."""
+    if name in _FROM_DISTILPOSE:
+        from model import distilpose
+
+        return getattr(distilpose, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")
 
 
 def create_model(
@@ -42,6 +58,9 @@ def create_model(
         model.weights.WeightsError: the file is unsafe, unreadable, of another variant, or its
             keys do not match.
     """
+    import torch
+
+    from model.distilpose import VARIANTS, DistilPose
     from model.weights import KNOWN_WEIGHTS, load_state_dict, sha256_file
 
     if name is not None and name not in VARIANTS:

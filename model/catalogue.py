@@ -19,11 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from model.interfaces import Detector, PoseModel, RoiFinder
+
+if TYPE_CHECKING:
+    import torch
 
 Role = Literal["pose", "detector"]
 # Where a model's weights come from:

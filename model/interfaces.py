@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-import torch
-
 from model.keypoints import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
 if TYPE_CHECKING:
+    import torch
+
     from model.crops import PackedImages
 
 Precision = Literal["fp32", "bf16", "fp16"]

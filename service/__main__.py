@@ -36,16 +36,16 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from service import serving
-from service.engine import Pipeline
-from service.metrics import Metrics
+from service.json_logs import JsonLogFormatter
 from service.model_choice import DETECTOR_SETTINGS, ModelChoice, SetupError, choose_model
-from service.rest_middleware import JsonLogFormatter
 from service.settings import Settings, UnknownSettingError
+
+if TYPE_CHECKING:
+    from service.engine import Pipeline
 
 __all__ = ["DETECTOR_SETTINGS", "ModelChoice", "SetupError", "choose_model", "main", "serve"]
 
@@ -67,6 +67,9 @@ async def serve(
             when None.
         stop: set it to drain and stop, as a signal does.
     """
+    from service import serving
+    from service.metrics import Metrics
+
     if pipeline_factory is None:
         choice = choose_model(settings)
         logger.info("serving %s", choice.summary)
@@ -287,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from service.processes import supervise
 
             return supervise(settings)
+        from service import serving
+
         return serving.run(serve(settings))
     except SetupError as exc:
         logger.error("cannot serve: %s", exc)

@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model.interfaces import BatchStats, ImageResult, ModelDescription, PoseOptions
 from service.errors import ClientClosedError
-from service.validation import RequestLimits
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
+    "MAX_BOX_COORD",
     "WATCH_ABANDONED_AFTER_S",
     "EngineConfig",
     "EngineHandle",
@@ -22,8 +23,33 @@ __all__ = [
     "NoopObserver",
     "PoseRequest",
     "PoseResponse",
+    "RequestLimits",
     "infer_all",
 ]
+
+
+# A box coordinate or size beyond this many pixels is refused: far past any image the pixel limit
+# allows, and small enough that the affine crop maths stays finite in float32.
+MAX_BOX_COORD = 1e7
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for.
+
+    Attributes:
+        max_boxes: Most caller boxes per image.
+        min_box_size_px: Smallest caller box width and height, in pixels.
+    """
+
+    max_boxes: int = 100
+    min_box_size_px: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_boxes < 0:
+            raise ValueError(f"max_boxes must be >= 0, got {self.max_boxes}")
+        if not 0 < self.min_box_size_px <= MAX_BOX_COORD:
+            raise ValueError(f"min_box_size_px must be in (0, 1e7], got {self.min_box_size_px}")
 
 
 @dataclass(frozen=True)

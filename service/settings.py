@@ -26,8 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.engine_api import EngineConfig
-from service.validation import RequestLimits
+from service.engine_api import EngineConfig, RequestLimits
 
 ENV_PREFIX = "POSE_"
 MIB = 1024 * 1024

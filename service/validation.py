@@ -19,38 +19,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, get_args
 
 import numpy as np
 import torch
 
 from model.interfaces import PoseOptions, Precision
+from service.engine_api import MAX_BOX_COORD, RequestLimits
 from service.errors import InvalidRequestError
 
-# A box coordinate or size beyond this many pixels is refused: far past any image the pixel limit
-# allows, and small enough that the affine crop maths stays finite in float32.
-MAX_BOX_COORD = 1e7
 _BOX_FORM = "[[x, y, w, h(, score)], ...] in pixels"
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What one request may ask for.
-
-    Attributes:
-        max_boxes: Most caller boxes per image.
-        min_box_size_px: Smallest caller box width and height, in pixels.
-    """
-
-    max_boxes: int = 100
-    min_box_size_px: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.max_boxes < 0:
-            raise ValueError(f"max_boxes must be >= 0, got {self.max_boxes}")
-        if not 0 < self.min_box_size_px <= MAX_BOX_COORD:
-            raise ValueError(f"min_box_size_px must be in (0, 1e7], got {self.min_box_size_px}")
 
 
 def check_image(image: torch.Tensor) -> None:

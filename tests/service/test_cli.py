@@ -405,7 +405,7 @@ async def test_serve_runs_http_and_grpc_on_one_loop_and_drains(
 def test_logs_are_one_json_object_per_line() -> None:
     import json
 
-    from service.rest_middleware import JsonLogFormatter
+    from service.json_logs import JsonLogFormatter
 
     record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "request", None, None)
     record.request_id = "r1"
