@@ -11,7 +11,13 @@ is recorded too: seconds from the command to ready, and the memory (RSS, PSS) of
 
 The load generator is lean on purpose: HTTP requests are pre-built bytes written on keep-alive
 asyncio streams, gRPC goes through ``grpc.aio`` (unary calls; a stream keeps ``--window`` frames in
-flight). Closed loop, ``--concurrency`` callers.
+flight). Closed loop, ``--concurrency`` callers, by default from this one process over one gRPC
+channel: one connection, so one front end of a multi-front-end service takes every gRPC call.
+``--load-processes P`` splits the callers over P processes (several clients: one Python process
+caps near 3,000 gRPC calls/s, far below a GPU machine's front ends) and ``--grpc-channels K``
+opens K channels in each, each its own connection, which SO_REUSEPORT spreads over the front
+ends. On this project's 2-core machine the defaults (1 and 1) keep the load generator off the
+server's cores; the GPU check uses 4 and 4.
 
     python -m bench.frontend --duration-s 6 --concurrency 1 16 64
 """
@@ -23,6 +29,7 @@ import asyncio
 import base64
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -31,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -267,54 +275,217 @@ async def grpc_stream(
     await task
 
 
-async def run_level(
-    target: Target, mode: str, concurrency: int, duration_s: float, warmup_s: float, window: int
-) -> dict[str, Any]:
+async def generate(
+    http_port: int | None,
+    grpc_port: int | None,
+    mode: str,
+    concurrency: int,
+    window: int,
+    stop: asyncio.Event,
+    counts: dict[str, int],
+    started: Callable[[], None] | None = None,
+    grpc_channels: int = 1,
+) -> None:
+    """Closed-loop load from this process until ``stop``: ``concurrency`` HTTP connections, or
+    ``concurrency`` gRPC unary callers (or streams of ``window`` frames in flight) spread over
+    ``grpc_channels`` channels, each its own connection (so its own front end: SO_REUSEPORT
+    spreads connections, not calls). Outcomes are counted in ``counts``; ``started`` is called
+    once the callers run."""
     image = tiny_jpeg()
-    counts: dict[str, int] = {}
-    stop = asyncio.Event()
-    makers: list[Callable[[], Coroutine[Any, Any, None]]] = []
-    channel = None
+    calls: list[Coroutine[Any, Any, None]] = []
+    channels: list[Any] = []
     if mode.startswith("http"):
-        assert target.http_port is not None
-        request = http_request(mode, target.http_port, image)
-        makers = [
-            lambda: http_caller(target.http_port, request, stop, counts)  # type: ignore[arg-type]
-        ] * concurrency
+        assert http_port is not None
+        request = http_request(mode, http_port, image)
+        calls = [http_caller(http_port, request, stop, counts) for _ in range(concurrency)]
     else:
         import grpc
 
         from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
 
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{target.grpc_port}")
-        stub = pose_pb2_grpc.PoseServiceStub(channel)
+        # A local subchannel pool: a connection per channel (else channels to one address share
+        # one).
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        address = f"127.0.0.1:{grpc_port}"
+        channels = [grpc.aio.insecure_channel(address, options) for _ in range(grpc_channels)]
+        stubs = [pose_pb2_grpc.PoseServiceStub(channel) for channel in channels]
         boxes = [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in BOXES]
         message = pose_pb2.EstimateRequest(image=image, boxes=boxes)
         if mode == "grpc-unary":
-            makers = [lambda: grpc_unary_caller(stub, message, stop, counts)] * concurrency
+            calls = [
+                grpc_unary_caller(stubs[i % len(stubs)], message, stop, counts)
+                for i in range(concurrency)
+            ]
         else:
-            streams = max(1, concurrency // window)
-            makers = [lambda: grpc_stream(stub, message, min(window, concurrency), stop, counts)]
-            makers *= streams
-    tasks = [asyncio.create_task(make()) for make in makers]
+            frames = min(window, concurrency)
+            calls = [
+                grpc_stream(stubs[i % len(stubs)], message, frames, stop, counts)
+                for i in range(max(1, concurrency // window))
+            ]
+    tasks = [asyncio.create_task(call) for call in calls]
+    if started is not None:
+        started()
+    await stop.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+
+
+def _load_process(
+    http_port: int | None,
+    grpc_port: int | None,
+    mode: str,
+    concurrency: int,
+    window: int,
+    grpc_channels: int,
+    conn: Connection,
+) -> None:
+    """One load-generator process (``--load-processes``): runs ``generate`` and answers the
+    parent's ``"counts"`` and ``"stop"`` over ``conn`` with its counts."""
+
+    async def run() -> None:
+        counts: dict[str, int] = {}
+        stop = asyncio.Event()
+
+        def command() -> None:
+            if conn.recv() == "stop":
+                stop.set()
+            conn.send(dict(counts))
+
+        asyncio.get_running_loop().add_reader(conn.fileno(), command)
+        await generate(
+            http_port, grpc_port, mode, concurrency, window, stop, counts,
+            started=lambda: conn.send("started"), grpc_channels=grpc_channels,
+        )  # fmt: skip
+
+    asyncio.run(run())
+
+
+class LoadProcesses:
+    """``processes`` load-generator processes sharing ``concurrency`` (as evenly as they can;
+    never more processes than callers): several clients, each with its own connections and, for
+    gRPC, its own channel, so that SO_REUSEPORT spreads them over the front ends, and so that
+    one Python process does not cap the requests/s a many-core machine can serve."""
+
+    def __init__(
+        self,
+        target: Target,
+        mode: str,
+        concurrency: int,
+        window: int,
+        processes: int,
+        grpc_channels: int = 1,
+    ) -> None:
+        count = max(1, min(processes, concurrency))
+        shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
+        context = multiprocessing.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._processes = []
+        for share in shares:
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=_load_process,
+                args=(
+                    target.http_port,
+                    target.grpc_port,
+                    mode,
+                    share,
+                    window,
+                    grpc_channels,
+                    theirs,
+                ),
+                daemon=True,
+            )
+            process.start()
+            theirs.close()
+            self._conns.append(ours)
+            self._processes.append(process)
+        for conn in self._conns:
+            try:
+                conn.recv()  # "started"
+            except EOFError:
+                self.stop()
+                raise RuntimeError("a load process exited before it started") from None
+
+    def counts(self, command: str = "counts") -> dict[str, int]:
+        """Every process's outcomes so far, summed (``"stop"``: and stop them)."""
+        for conn in self._conns:
+            conn.send(command)
+        total: dict[str, int] = {}
+        for conn in self._conns:
+            for key, value in conn.recv().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def stop(self) -> dict[str, int]:
+        """Stop every process; their outcomes, summed (of those still answering)."""
+        total: dict[str, int] = {}
+        for conn in self._conns:
+            try:
+                conn.send("stop")
+                for key, value in conn.recv().items():
+                    total[key] = total.get(key, 0) + value
+            except (EOFError, OSError):
+                pass  # (exited already)
+        for process in self._processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+        return total
+
+
+async def run_level(
+    target: Target,
+    mode: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    window: int,
+    load_processes: int = 1,
+    grpc_channels: int = 1,
+) -> dict[str, Any]:
+    """One measurement: load for ``warmup_s``, then ``duration_s`` counted (``load_processes``
+    and ``grpc_channels``: see ``LoadProcesses`` and ``generate``)."""
+    counts: dict[str, int] = {}
+    stop = asyncio.Event()
+    loaders: LoadProcesses | None = None
+    load: asyncio.Task[None] | None = None
+    if load_processes > 1:
+        loaders = LoadProcesses(target, mode, concurrency, window, load_processes, grpc_channels)
+    else:
+        args = (target.http_port, target.grpc_port, mode, concurrency, window, stop, counts)
+        load = asyncio.create_task(generate(*args, grpc_channels=grpc_channels))
+
+    def snapshot() -> dict[str, int]:
+        return loaders.counts() if loaders is not None else dict(counts)
+
     await asyncio.sleep(warmup_s)
     pids = target.tree_pids()
-    ok0, cpu0, sys0 = counts.get("ok", 0), cpu_seconds(pids), cpu_seconds(pids, system_only=True)
+    ok0, cpu0, sys0 = (
+        snapshot().get("ok", 0),
+        cpu_seconds(pids),
+        cpu_seconds(pids, system_only=True),
+    )
     engine0 = cpu_seconds([target.engine_pid]) if target.engine_pid else 0.0
     t0 = time.monotonic()
     await asyncio.sleep(duration_s)
-    ok1, cpu1, sys1 = counts.get("ok", 0), cpu_seconds(pids), cpu_seconds(pids, system_only=True)
+    cpu1, sys1 = cpu_seconds(pids), cpu_seconds(pids, system_only=True)
+    ok1 = snapshot().get("ok", 0)
     engine1 = cpu_seconds([target.engine_pid]) if target.engine_pid else 0.0
     seconds = time.monotonic() - t0
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    if channel is not None:
-        await channel.close()
+    if loaders is not None:
+        counts = loaders.stop()
+    else:
+        stop.set()
+        assert load is not None
+        await load
     answered = ok1 - ok0
     return {
         "target": target.name,
         "mode": mode,
         "concurrency": concurrency,
+        "load_processes": max(1, min(load_processes, concurrency)),
+        "grpc_channels": grpc_channels if mode.startswith("grpc") else None,
         "answered": answered,
         "requests_per_s": answered / seconds,
         "server_cpu_ms_per_request": 1000.0 * (cpu1 - cpu0) / answered if answered else None,
@@ -336,6 +507,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=6.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--window", type=int, default=16, help="frames in flight per stream")
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        default=1,
+        help="load-generator processes sharing the concurrency (each its own client: its own "
+        "connections and gRPC channels); more than 1 where cores are to spare",
+    )
+    parser.add_argument(
+        "--grpc-channels",
+        type=int,
+        default=1,
+        help="gRPC channels per load process, each its own connection (so its own front end)",
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
@@ -351,7 +535,14 @@ def main(argv: list[str] | None = None) -> int:
                 for concurrency in args.concurrency:
                     row = asyncio.run(
                         run_level(
-                            target, mode, concurrency, args.duration_s, args.warmup_s, args.window
+                            target,
+                            mode,
+                            concurrency,
+                            args.duration_s,
+                            args.warmup_s,
+                            args.window,
+                            args.load_processes,
+                            args.grpc_channels,
                         )
                     )
                     rows.append(row)

@@ -300,8 +300,8 @@ if ((DRY)); then
   SERVE=(--concurrency 1 --duration-s 0.5 --warmup-s 0.2 --persons-max 1 --window 1
     --no-server-warmup --engine-env POSE_BACKEND=torch)
   COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
-  FRONTENDS=(--targets service-1 service-2 --modes http-raw --concurrency 1 --duration-s 0.5
-    --warmup-s 0.2)
+  FRONTENDS=(--targets service-1 service-2 --modes http-raw grpc-unary --concurrency 2
+    --duration-s 0.5 --warmup-s 0.2 --load-processes 2 --grpc-channels 2)
 else
   MODEL=(--models distilpose_s distilpose_l --batch-sizes 1 8 64 256 1024 --max-batch-l 256
     --precisions fp32 bf16 --warmup 5 --repeats 30 --min-repeats 5 --max-seconds 1)
@@ -313,8 +313,10 @@ else
   SERVE=(--concurrency 64 128 --duration-s 5 --warmup-s 1
     --engine-env POSE_MAX_BATCH_SIZE=64 POSE_MAX_QUEUE_SIZE=512)
   COMPILE_ENV=()
+  # four load processes (one Python client caps near 3,000 gRPC calls/s), four channels each:
+  # 16 connections, which SO_REUSEPORT spreads over the front ends (a channel sticks to one)
   FRONTENDS=(--targets service-1 service-2 service-4 service-8 --modes http-raw grpc-unary
-    --concurrency 64 256 --duration-s 4 --warmup-s 1)
+    --concurrency 64 256 --duration-s 3 --warmup-s 1 --load-processes 4 --grpc-channels 4)
 fi
 
 run_step model 120 "$PY" -m bench.model --device "$DEVICE" --flip off --cuda-graphs \

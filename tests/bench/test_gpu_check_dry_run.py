@@ -91,6 +91,14 @@ def test_dry_run_runs_every_step_and_writes_what_comes_back(tmp_path: Path) -> N
         assert all(r["errors"] == 0 for r in doc["results"]), doc["results"]
     identity = json.loads((out / "serve_identity.json").read_text())
     assert all(r["ok"] > 0 for r in identity["results"])  # it answers at once
+    # Both front ends' rows come from two load processes (gRPC: two channels each), every one
+    # answered, none refused.
+    frontends = json.loads((out / "frontends.json").read_text())["results"]
+    assert {(r["target"], r["mode"]) for r in frontends} == {
+        (t, m) for t in ("service-1", "service-2") for m in ("http-raw", "grpc-unary")
+    }
+    assert all(r["load_processes"] == 2 and r["answered"] > 0 for r in frontends), frontends
+    assert all(not r["not_ok"] for r in frontends), frontends
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
     assert {f"logs/{step}.log" for step in rows} <= names
