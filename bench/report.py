@@ -265,8 +265,26 @@ def frontend_tables(doc: dict[str, Any]) -> str:
     return text
 
 
+def ipc_tables(doc: dict[str, Any]) -> str:
+    """``bench.ipc``: CPU per round trip of each process, by transport and messages in flight."""
+    rows = [
+        [
+            r["transport"],
+            str(r["inflight"]),
+            _f(r["client_us"], 1),
+            _f(r["server_us"], 1),
+            _f(r["client_us"] + r["server_us"], 1),
+            _f(r["round_trips_per_s"], 0),
+        ]
+        for r in doc["results"]
+    ]
+    header = ["transport", "in flight", "client us", "server us", "both us", "round trips/s"]
+    return _table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "frontend": frontend_tables,
+    "ipc": ipc_tables,
     "model": model_tables,
     "decode": decode_tables,
     "pipeline": pipeline_tables,

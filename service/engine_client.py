@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import zmq
 
 from model.interfaces import ModelDescription
 from service.engine_api import EngineConfig, PoseRequest, PoseResponse, infer_all
@@ -56,6 +55,7 @@ from service.engine_wire import (
     Message,
     ResultMessage,
     boxes_to_wire,
+    connect,
     inline_payload,
 )
 from service.errors import (
@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 # A call with a deadline is answered at most this long after it, whatever the engine does.
 _DEADLINE_BACKSTOP_S = 1.0
 _RETRY_AFTER_BUSY_S = 1.0
+_CONNECT_RETRY_S = 0.05
 
 
 class EngineGoneError(RuntimeError):
@@ -83,7 +84,7 @@ class EngineClient:
     """The engine process, as one front end sees it.
 
     Args:
-        address: The engine's ``ipc://`` address.
+        address: The engine's Unix socket (in the run folder).
         config: The engine's knobs (the request limits and ``max_queue_size`` are used here).
         decoder: Encoded bytes -> (3, H, W) uint8 RGB tensor, run in this front end's pool.
         small_decoder: Encoded bytes -> the image if it is small, else None
@@ -121,7 +122,6 @@ class EngineClient:
         self._index = index
         self._frontends = frontends
         self._all_listening = False
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._channel: Channel | None = None
         self._pool = ThreadPoolExecutor(
             max_workers=config.decode_workers, thread_name_prefix="pose-decode"
@@ -168,16 +168,15 @@ class EngineClient:
         Raises:
             EngineGoneError: The engine process exited first (e.g. its model failed to load).
         """
-        socket = self._context.socket(zmq.DEALER)
-        # Unique per process: a restarted front end is a new peer.
-        socket.setsockopt(zmq.IDENTITY, f"frontend-{self._index}-{os.getpid()}".encode())
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(self._address)
-        self._channel = Channel(socket, routed=False, on_messages=self._received)
         self._watch_engine()
-        self._channel.put(None, HELLO, self._index)
+        while self._channel is None:
+            if self._gone:
+                raise EngineGoneError("the engine process exited before it was ready")
+            try:
+                self._channel = await connect(self._address, self._received, self._lost)
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(_CONNECT_RETRY_S)  # the engine is still loading its model
+        self._channel.put(HELLO, self._index)
         while not self.ready:
             if self._gone:
                 raise EngineGoneError("the engine process exited before it was ready")
@@ -197,7 +196,6 @@ class EngineClient:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        self._context.term()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def infer_many(
@@ -317,7 +315,7 @@ class EngineClient:
                 rid,
                 DeadlineExceededError("the deadline passed before the answer"),
             )
-        self._channel.put(None, INFER, message.to_wire(), payload)
+        self._channel.put(INFER, message.to_wire(), payload)
         try:
             result = await answer
         except asyncio.CancelledError:
@@ -325,7 +323,7 @@ class EngineClient:
             # not cancelled.)
             answered = answer.done() and not answer.cancelled()
             if not answered and self._channel is not None and not self._gone:
-                self._channel.put(None, CANCEL, rid)
+                self._channel.put(CANCEL, rid)
             raise
         finally:
             self._pending.pop(rid, None)
@@ -340,7 +338,7 @@ class EngineClient:
             image=image if request.return_image else None,
         )
 
-    def _received(self, peer: bytes | None, messages: list[Message]) -> None:
+    def _received(self, channel: Channel, messages: list[Message]) -> None:
         """Answers and state from the engine (one burst)."""
         for kind, message, _ in messages:
             if kind == RESULT:
@@ -358,6 +356,10 @@ class EngineClient:
                 self._state = state
                 self._all_listening = self._all_listening or state.frontends >= self._frontends
                 self._state_changed.set()
+
+    def _lost(self, channel: Channel) -> None:
+        """The engine closed the connection: it is gone (or going; the pidfd says so too)."""
+        self._engine_gone()
 
     def _settle_error(self, rid: int, error: BaseException) -> None:
         future = self._pending.get(rid)

@@ -1,12 +1,14 @@
 """The engine process's side of the front-end/engine split: every front end's jobs into one
 ``Engine``, so that one batch holds requests from several front ends.
 
-``EngineServer`` owns the ZeroMQ ROUTER socket (``service.engine_wire.Channel``). A burst of
+``EngineServer`` listens on the engine's Unix socket (``service.engine_wire.listen``: one
+``Channel`` per front end). A burst of
 INFERs (what one front end sent in one event-loop iteration) is admitted in one go: each becomes
 one ``Engine.submit`` (no task per job; the workers are woken once for the burst), and each
 job's future, when it settles, queues one RESULT or one ERROR, coalesced per front end. A CANCEL
 (the front end's caller went away) cancels that future, which drops the job before compute
-exactly as a disconnect does in one process. The engine's state (ready, draining, model) goes to
+exactly as a disconnect does in one process; so does the front end's connection closing (the
+process died) for every job of that front end. The engine's state (ready, draining, model) goes to
 every front end that said HELLO, when it changes and every ``STATE_INTERVAL_S`` as a heartbeat.
 The front ends check each request with the engine's own functions and limits
 (``service.validation``) and send the parsed boxes; the engine trusts those checks
@@ -21,8 +23,6 @@ import asyncio
 import logging
 from functools import partial
 from typing import Any
-
-import zmq
 
 from service.engine import Engine, PoseRequest, PoseResponse
 from service.engine_wire import (
@@ -40,6 +40,7 @@ from service.engine_wire import (
     Message,
     ResultMessage,
     boxes_from_wire,
+    listen,
     read_image,
 )
 from service.errors import NotReadyError, error_to_wire
@@ -48,34 +49,25 @@ logger = logging.getLogger(__name__)
 
 
 class EngineServer:
-    """Serve ``engine`` to the front ends on ``address`` (``ipc://...``).
+    """Serve ``engine`` to the front ends on the Unix socket ``path``.
 
     Args:
         engine: The one engine of the machine (started and stopped by the caller).
-        address: Where the ROUTER socket binds.
+        path: Where the socket listens (in the run folder).
     """
 
-    def __init__(self, engine: Engine, address: str) -> None:
+    def __init__(self, engine: Engine, path: str) -> None:
         self._engine = engine
-        self._address = address
-        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        # Admission bounds what is in flight; a front end's answers are never dropped for a
-        # high-water mark.
-        self._socket.setsockopt(zmq.SNDHWM, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._channel: Channel | None = None
-        self._peers: set[bytes] = set()
-        self._frontends: set[int] = set()  # indices of the front ends that said HELLO
-        self._jobs: dict[tuple[bytes, int], asyncio.Future[PoseResponse]] = {}
+        self._path = path
+        self._server: asyncio.Server | None = None
+        self._peers: set[Channel] = set()  # the front ends that said HELLO
+        self._frontends: set[int] = set()  # their indices
+        self._jobs: dict[tuple[Channel, int], asyncio.Future[PoseResponse]] = {}
         self._last_state: EngineState | None = None
 
-    def bind(self) -> None:
-        """Bind the socket and start reading it, on the running event loop (front ends may
-        connect before or after)."""
-        self._socket.bind(self._address)
-        self._channel = Channel(self._socket, routed=True, on_messages=self._received)
+    async def bind(self) -> None:
+        """Listen, on the running event loop (front ends retry until it does)."""
+        self._server = await listen(self._path, self._received, self._lost)
 
     async def run(self) -> None:
         """Send the state every ``STATE_INTERVAL_S`` until cancelled (messages are handled as
@@ -85,19 +77,18 @@ class EngineServer:
                 await asyncio.sleep(STATE_INTERVAL_S)
                 self.publish_state(force=True)  # the heartbeat
         finally:
-            if self._channel is not None:
-                self._channel.flush()
+            for peer in self._peers:
+                peer.flush()
 
     async def close(self) -> None:
         """Answer every job still running (as the engine settles it), then close the socket."""
         if self._jobs:
             await asyncio.wait(list(self._jobs.values()))
         self.publish_state()
-        if self._channel is not None:
-            self._channel.close()
-        else:
-            self._socket.close(linger=0)
-        self._context.term()
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self._peers):
+            peer.close()
 
     def state(self) -> EngineState:
         """The engine's state as front ends see it."""
@@ -117,15 +108,14 @@ class EngineServer:
     def publish_state(self, *, force: bool = False) -> None:
         """Send the state to every front end (when it changed, or ``force``)."""
         state = self.state()
-        if (not force and state == self._last_state) or self._channel is None:
+        if not force and state == self._last_state:
             return
         self._last_state = state
         for peer in self._peers:
-            self._channel.put(peer, STATE, state)
+            peer.put(STATE, state)
 
-    def _received(self, peer: bytes | None, messages: list[Message]) -> None:
+    def _received(self, peer: Channel, messages: list[Message]) -> None:
         """One burst from one front end."""
-        assert peer is not None
         for kind, message, payload in messages:
             try:
                 if kind == INFER:
@@ -143,8 +133,16 @@ class EngineServer:
             except Exception:
                 logger.exception("a malformed message from a front end was dropped")
 
+    def _lost(self, peer: Channel) -> None:
+        """A front end's connection closed (it exited): nobody reads its answers, so its jobs
+        are dropped (before compute, unless already running)."""
+        self._peers.discard(peer)
+        for key, future in list(self._jobs.items()):
+            if key[0] is peer:
+                future.cancel()
+
     def _submit(
-        self, peer: bytes, body: tuple[Any, ...], payload: bytes | bytearray | None
+        self, peer: Channel, body: tuple[Any, ...], payload: bytes | bytearray | None
     ) -> None:
         """One job (``InferMessage.to_wire``): exactly one RESULT or ERROR, unless the front end
         cancels it."""
@@ -167,7 +165,7 @@ class EngineServer:
         self._jobs[key] = future
         future.add_done_callback(partial(self._answered, key))
 
-    def _answered(self, key: tuple[bytes, int], future: asyncio.Future[PoseResponse]) -> None:
+    def _answered(self, key: tuple[Channel, int], future: asyncio.Future[PoseResponse]) -> None:
         self._jobs.pop(key, None)
         if future.cancelled():
             return  # the front end's caller went away: nobody reads an answer
@@ -176,14 +174,12 @@ class EngineServer:
         if exc is not None:
             self._answer_error(peer, rid, exc)
             return
-        assert self._channel is not None
         response = future.result()
         message = ResultMessage(rid, response.result, response.timing_ms)
-        self._channel.put(peer, RESULT, message.to_wire())
+        peer.put(RESULT, message.to_wire())
 
-    def _answer_error(self, peer: bytes, rid: int, exc: BaseException) -> None:
+    def _answer_error(self, peer: Channel, rid: int, exc: BaseException) -> None:
         code, text, retry = error_to_wire(exc)
         if code == "internal":
             logger.error("a job failed: %s", text, exc_info=exc)
-        assert self._channel is not None
-        self._channel.put(peer, ERROR, ErrorMessage(rid, code, text, retry))
+        peer.put(ERROR, ErrorMessage(rid, code, text, retry))

@@ -1,9 +1,9 @@
 """Several processes: one parent, one engine process, N front-end processes (``--frontends N``).
 
-The layout of vLLM V1 (API-server processes in front of one engine core, over ZeroMQ): the front
-ends own everything per request (HTTP and gRPC parsing, validation, decoding, serialisation) and
-scale with cores; the engine process owns the batcher and the devices, so one batch holds the
-requests of every front end.
+The layout of vLLM V1 (API-server processes in front of one engine core; here over a Unix
+socket, ``service.engine_wire``): the front ends own everything per request (HTTP and gRPC
+parsing, validation, decoding, serialisation) and scale with cores; the engine process owns the
+batcher and the devices, so one batch holds the requests of every front end.
 
 - **Parent** (``supervise``): reserves the ports (SO_REUSEPORT), makes the private run folder
   (mode 0700, on ``/dev/shm`` where it exists: the IPC socket, the decoded images, the metrics
@@ -63,7 +63,7 @@ class RunPaths:
 
     @property
     def engine_address(self) -> str:
-        return f"ipc://{self.root / 'engine.sock'}"
+        return str(self.root / "engine.sock")
 
     @property
     def images(self) -> Path:
@@ -316,7 +316,7 @@ async def _run_engine(settings: Settings, address: str, parent_pid: int) -> int:
     metrics = Metrics(multiprocess=True)
     engine = serving.build_engine(settings, serving.pipeline_factory(choice, settings), metrics)
     server = EngineServer(engine, address)
-    server.bind()
+    await server.bind()
     stop = asyncio.Event()
     # A second SIGTERM (the parent passing on a second signal) skips the grace period.
     force = serving.install_signal_handlers(stop, (signal.SIGTERM,))

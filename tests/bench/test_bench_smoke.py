@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench import decode, model, pipeline, report, serve
+from bench import decode, ipc, model, pipeline, report, serve
 from bench.common import percentile, person_boxes, summarize_ms, synthetic_jpeg
 
 # Tiny settings: one or two configurations each, one timed repeat, short serving levels (1.5 s:
@@ -119,6 +119,15 @@ def test_decode_bench_smoke(tmp_path: Path) -> None:
     decoders = {r["decoder"] for r in doc["results"]}
     assert {"pil", "torchvision_cpu"} <= decoders
     assert all(r["images_per_s"] > 0 for r in doc["results"])
+
+
+def test_ipc_bench_smoke(tmp_path: Path) -> None:
+    assert ipc.main(["--messages", "200", "--inflight", "1", "4", "--rounds", "1", "--out-dir",
+                     str(tmp_path)]) == 0  # fmt: skip
+    doc = _load_one(tmp_path, "ipc")
+    socket = [r for r in doc["results"] if r["transport"] == "socket"]
+    assert [r["inflight"] for r in socket] == [1, 4]
+    assert all(r["messages"] == 200 and r["client_us"] >= 0 for r in socket)
 
 
 # 16 s alone on 2 cores (three detectors built and timed): double the default for a loaded machine.

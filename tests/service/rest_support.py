@@ -259,7 +259,7 @@ class SplitEngine:
 
     def client(self, frontends: int = 1) -> EngineClient:
         """A new front end's engine client (not started; each has its own index, so its own
-        ZeroMQ identity). The engine turns it ready once ``frontends`` front ends said hello."""
+        connection). The engine turns it ready once ``frontends`` front ends said hello."""
         pixels = self.settings.max_image_pixels
         return EngineClient(
             self.paths.engine_address,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -486,6 +487,40 @@ def test_a_killed_frontend_is_restarted_and_sigterm_drains(tmp_path: Path) -> No
         assert result.get("status") == 200, service.tail()
         children = [started["engine_pid"], *started["frontend_pids"]]
         assert not [pid for pid in children if _alive(pid)]
+    finally:
+        service.stop()
+
+
+def test_the_jobs_of_a_killed_frontend_never_reach_compute(tmp_path: Path) -> None:
+    """Requests held in the engine's queue (``max_delay_ms`` 2 s, batches of 8) when their front
+    ends die: the engine sees the connections close and drops their jobs, as it drops a
+    cancelled one; nothing of them runs (the engine counts the images it ran)."""
+    service = Service(tmp_path, 2, "--max-delay-ms", "2000", "--max-batch-size", "8")
+    try:
+        started = _pids(service)
+        _, images = service.engine_batches()
+
+        def held() -> None:
+            with contextlib.suppress(httpx.TransportError):  # its front end dies
+                httpx.post(
+                    service.http + "/v1/pose",
+                    content=jpeg(),
+                    headers={"content-type": "image/jpeg"},
+                    timeout=30,
+                )
+
+        threads = [threading.Thread(target=held) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # queued in the engine, held for the batch to fill
+        for pid in started["frontend_pids"]:
+            os.kill(pid, signal.SIGKILL)
+        for thread in threads:
+            thread.join(30)
+        time.sleep(2.5)  # past max_delay_ms: anything still queued would have run by now
+        service._wait_ready()  # (the parent restarted both front ends)
+        assert service.engine_batches()[1] == images, service.tail()
+        assert service.metric("pose_queue_depth") == 0
     finally:
         service.stop()
 
