@@ -180,6 +180,7 @@ async def zmq_client(path: str, messages: int, inflight: int) -> None:
     for _ in range(inflight):
         channel.put(None, (KIND, BODY, bytearray(PAYLOAD_BYTES)))
     await done.wait()
+    asyncio.get_running_loop().remove_reader(socket.fileno())
     socket.close(linger=0)
 
 

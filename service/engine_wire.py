@@ -14,9 +14,9 @@ started by one parent, on a socket only its user can open; nothing a client sent
 unpickled (bodies hold parsed fields; image bytes are bytes).
 
 Not ZeroMQ (which this transport replaced): its I/O thread puts two thread hand-offs on every
-message each way. A message to the engine and its answer cost 29 + 32 us of CPU (front end +
-engine) over this socket against 239 + 97 us over a ZeroMQ DEALER/ROUTER pair, one message in
-flight, and 9 + 9 against 56 + 19 with eight (BENCHMARKS.md, "IPC").
+message each way. A message to the engine and its answer cost 30 + 30 us of CPU (front end +
+engine) over this socket against 87-95 + 91-98 us over a ZeroMQ DEALER/ROUTER pair, one message
+in flight, and 8 + 8 against 19 + 18 with eight (``python -m bench.ipc``; BENCHMARKS.md).
 
 Images: a decoded (3, H, W) uint8 image over ``INLINE_LIMIT_BYTES`` is written once to a file in
 the run folder's shared-memory directory (tmpfs, ``/dev/shm``) and mapped by the engine with
