@@ -252,7 +252,7 @@ print(f"note: python {sys.version.split()[0]}, torch {torch.__version__}, "
       f"CUDA {torch.cuda.get_device_name(0) if cuda else 'not available'}")
 modules = ["fastapi", "starlette", "fastapi_offline", "uvicorn", "pydantic", "pydantic_settings",
            "multipart", "httpx", "grpc", "grpc_health", "grpc_reflection", "google.protobuf",
-           "prometheus_client", "PIL", "numpy", "safetensors", "orjson", "zmq", "uvloop",
+           "prometheus_client", "PIL", "numpy", "safetensors", "orjson", "uvloop",
            "httptools", "simplejpeg", "scipy", "pytest", "pytest_asyncio",
            "pytest_timeout", "service.__main__", "service.rpc", "bench.serve"]
 missing = []
