@@ -1,22 +1,31 @@
 """What crosses between a front end and the engine process (service.engine_wire): an INFER as
-plain tuples, and the parsed boxes as float32 bytes, come back unchanged."""
+plain tuples, and the parsed boxes as float32 bytes, come back unchanged; the channel's frames
+arrive whole, in order, once."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pickle
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from model.interfaces import ImageResult, Person, PoseOptions
 from service.engine_wire import (
+    Channel,
     ImageRef,
     InferMessage,
+    Message,
     ResultMessage,
     boxes_from_wire,
     boxes_to_wire,
+    connect,
     dumps,
+    listen,
     loads,
 )
 from service.validation import RequestLimits, parse_boxes
@@ -107,3 +116,59 @@ def test_a_result_crosses_as_plain_tuples_and_comes_back_equal(sigmas: bool) -> 
     assert all(isinstance(p, Person) for p in again.result.persons)
     empty = ResultMessage(8, ImageResult(1, 1, []), {})
     assert ResultMessage.from_wire(loads(dumps(empty.to_wire()))) == empty
+
+
+async def test_a_channel_delivers_bursts_in_order_whole_and_once(tmp_path: Path) -> None:
+    """Real Unix sockets: a burst of 40 messages (payloads up to 1 MB, so frames arrive in many
+    reads) goes out as one frame and arrives as one list, in order and intact; a second burst
+    is a second list; an answer comes back the same way; closing one end tells the other."""
+    received: list[list[Message]] = []
+    answers: list[list[Message]] = []
+    lost: list[Channel] = []
+    arrived = asyncio.Event()
+
+    def on_server(channel: Channel, messages: list[Message]) -> None:
+        received.append(messages)
+        if len(received) == 2:
+            channel.put(b"result", ("done", len(messages)))
+            arrived.set()
+
+    path = str(tmp_path / "engine.sock")
+    server = await listen(path, on_server, lost.append)
+    client = await connect(path, lambda _, messages: answers.append(messages))
+    rng = np.random.default_rng(0)
+    sizes = [int(n) for n in rng.integers(0, 1 << 20, size=40)]
+    sent = [(b"infer", (i, "x" * i), rng.bytes(n)) for i, n in enumerate(sizes)]
+    for kind, body, payload in sent:
+        client.put(kind, body, bytearray(payload))
+    await asyncio.sleep(0)  # the first burst leaves
+    client.put(b"cancel", 7)
+    await asyncio.wait_for(arrived.wait(), 30)
+    assert [[(k, b, bytes(p)) for k, b, p in received[0]]] == [sent]
+    assert received[1] == [(b"cancel", 7, None)]
+    while not answers:
+        await asyncio.sleep(0.01)
+    assert answers == [[(b"result", ("done", 1), None)]]
+    client.close()
+    while not lost:
+        await asyncio.sleep(0.01)
+    server.close()
+
+
+def test_a_frame_split_anywhere_is_read_whole() -> None:
+    """``data_received`` gets a stream cut at arbitrary points (a length split across reads,
+    several frames in one read): every message arrives once, in order."""
+    got: list[Message] = []
+    channel = Channel(lambda _, messages: got.extend(messages))
+    frames = b""
+    expected = []
+    for i in range(20):
+        messages = [(b"infer", (i, j), bytes(range(i % 7))) for j in range(i % 3 + 1)]
+        expected += messages
+        body = dumps(messages)
+        frames += struct.pack("<I", len(body)) + body
+    rng = np.random.default_rng(1)
+    cuts = sorted({int(c) for c in rng.integers(1, len(frames), size=60)})
+    for start, end in zip([0, *cuts], [*cuts, len(frames)], strict=True):
+        channel.data_received(frames[start:end])
+    assert got == expected
