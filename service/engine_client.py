@@ -15,8 +15,9 @@ Guarantees kept across the boundary:
   that goes away (its task cancelled) sends CANCEL, and the engine drops the job before compute;
 - deadlines: the engine enforces them; a timer here answers ``DeadlineExceededError`` one second
   past the deadline even if the engine said nothing (it always does: this is a backstop);
-- the engine process gone (watched through a pidfd, not a timeout): every call in flight and
-  every new one is answered 503 (``NotReadyError``) at once;
+- the engine process gone (watched through a pidfd and the connection closing, not a timeout):
+  every call in flight and every new one is answered 503 (``NotReadyError``) at once; this front
+  end gone: the engine sees its connection close and drops its jobs;
 - bounded: at most ``max_queue_size`` calls of this front end in flight (decoding or at the
   engine), beyond that ``QueueFullError`` at once; decoding is bounded by the pool's threads.
 """
