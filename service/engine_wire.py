@@ -270,10 +270,6 @@ class Channel(asyncio.Protocol):
 
     # --- sending
 
-    @property
-    def connected(self) -> bool:
-        return self._transport is not None and not self._closing
-
     def put(self, kind: bytes, body: Any, payload: bytes | bytearray | None = None) -> None:
         """Queue one message; it leaves at the end of this event-loop iteration (dropped if the
         connection is gone)."""
