@@ -13,11 +13,11 @@ The load generator is lean on purpose: HTTP requests are pre-built bytes written
 asyncio streams, gRPC goes through ``grpc.aio`` (unary calls; a stream keeps ``--window`` frames in
 flight). Closed loop, ``--concurrency`` callers, by default from this one process over one gRPC
 channel: one connection, so one front end of a multi-front-end service takes every gRPC call.
-``--load-processes P`` splits the callers over P processes (several clients: one Python process
-caps near 3,000 gRPC calls/s, far below a GPU machine's front ends) and ``--grpc-channels K``
-opens K channels in each, each its own connection, which SO_REUSEPORT spreads over the front
-ends. On this project's 2-core machine the defaults (1 and 1) keep the load generator off the
-server's cores; the GPU check uses 4 and 4.
+``--load-processes P`` splits the callers over P processes (``bench.frontend_load``; several
+clients: one Python process caps near 3,000 gRPC calls/s a core, far below a GPU machine's front
+ends) and ``--grpc-channels K`` opens K channels in each, each its own connection, which
+SO_REUSEPORT spreads over the front ends. On this project's 2-core machine the defaults (1 and 1)
+keep the load generator off the server's cores; the GPU check uses 4 and 4.
 
     python -m bench.frontend --duration-s 6 --concurrency 1 16 64
 """
@@ -26,30 +26,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from bench.common import REPO_ROOT, environment, write_result
+from bench.frontend_load import BOXES, generate, tiny_jpeg
 from bench.servers import free_port
 
-BOXES = [[4.0, 4.0, 20.0, 30.0], [30.0, 8.0, 16.0, 30.0], [10.0, 2.0, 12.0, 12.0]]
+__all__ = ["BOXES", "LoadProcesses", "Target", "run_level", "start_target", "tiny_jpeg"]
+
 MODES = ("http-raw", "http-json", "grpc-unary", "grpc-stream")
 TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")  # service-N: any N >= 1
 
@@ -59,13 +54,6 @@ def target_name(value: str) -> str:
     if value in TARGETS or (value.startswith("service-") and value[8:].isdigit()):
         return value
     raise argparse.ArgumentTypeError(f"{value}: one of {', '.join(TARGETS)} or service-N")
-
-
-def tiny_jpeg() -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=90)
-    return out.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,166 +194,12 @@ def _wait_ready(target: Target, timeout_s: float = 120.0) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def http_request(mode: str, port: int, image: bytes) -> bytes:
-    if mode == "http-raw":
-        query = "boxes=" + json.dumps(BOXES, separators=(",", ":"))
-        path = "/v1/pose?" + query.replace("[", "%5B").replace("]", "%5D").replace(",", "%2C")
-        body, kind = image, "image/jpeg"
-    else:
-        path = "/v1/pose"
-        body = json.dumps({"image": base64.b64encode(image).decode(), "boxes": BOXES}).encode()
-        kind = "application/json"
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
-
-
-async def http_caller(
-    port: int, request: bytes, stop: asyncio.Event, counts: dict[str, int]
-) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        while not stop.is_set():
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
-            outcome = "ok" if status == 200 else f"http {status}"
-            counts[outcome] = counts.get(outcome, 0) + 1
-    finally:
-        writer.close()
-
-
-async def grpc_unary_caller(
-    stub: Any, request: Any, stop: asyncio.Event, counts: dict[str, int]
-) -> None:
-    while not stop.is_set():
-        await stub.Estimate(request, timeout=30)
-        counts["ok"] = counts.get("ok", 0) + 1
-
-
-async def grpc_stream(
-    stub: Any, request: Any, window: int, stop: asyncio.Event, counts: dict[str, int]
-) -> None:
-    import grpc
-
-    call = stub.StreamEstimate()
-    slots = asyncio.Semaphore(window)
-
-    async def sender() -> None:
-        while not stop.is_set():
-            await slots.acquire()
-            await call.write(request)
-        await call.done_writing()
-
-    task = asyncio.create_task(sender())
-    while True:
-        response = await call.read()
-        if response is grpc.aio.EOF:
-            break
-        outcome = response.error.code or "ok"
-        counts[outcome] = counts.get(outcome, 0) + 1
-        slots.release()
-    await task
-
-
-async def generate(
-    http_port: int | None,
-    grpc_port: int | None,
-    mode: str,
-    concurrency: int,
-    window: int,
-    stop: asyncio.Event,
-    counts: dict[str, int],
-    started: Callable[[], None] | None = None,
-    grpc_channels: int = 1,
-) -> None:
-    """Closed-loop load from this process until ``stop``: ``concurrency`` HTTP connections, or
-    ``concurrency`` gRPC unary callers (or streams of ``window`` frames in flight) spread over
-    ``grpc_channels`` channels, each its own connection (so its own front end: SO_REUSEPORT
-    spreads connections, not calls). Outcomes are counted in ``counts``; ``started`` is called
-    once the callers run."""
-    image = tiny_jpeg()
-    calls: list[Coroutine[Any, Any, None]] = []
-    channels: list[Any] = []
-    if mode.startswith("http"):
-        assert http_port is not None
-        request = http_request(mode, http_port, image)
-        calls = [http_caller(http_port, request, stop, counts) for _ in range(concurrency)]
-    else:
-        import grpc
-
-        from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
-
-        # A local subchannel pool: a connection per channel (else channels to one address share
-        # one).
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        address = f"127.0.0.1:{grpc_port}"
-        channels = [grpc.aio.insecure_channel(address, options) for _ in range(grpc_channels)]
-        stubs = [pose_pb2_grpc.PoseServiceStub(channel) for channel in channels]
-        boxes = [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in BOXES]
-        message = pose_pb2.EstimateRequest(image=image, boxes=boxes)
-        if mode == "grpc-unary":
-            calls = [
-                grpc_unary_caller(stubs[i % len(stubs)], message, stop, counts)
-                for i in range(concurrency)
-            ]
-        else:
-            frames = min(window, concurrency)
-            calls = [
-                grpc_stream(stubs[i % len(stubs)], message, frames, stop, counts)
-                for i in range(max(1, concurrency // window))
-            ]
-    tasks = [asyncio.create_task(call) for call in calls]
-    if started is not None:
-        started()
-    await stop.wait()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in channels:
-        await channel.close()
-
-
-def _load_process(
-    http_port: int | None,
-    grpc_port: int | None,
-    mode: str,
-    concurrency: int,
-    window: int,
-    grpc_channels: int,
-    conn: Connection,
-) -> None:
-    """One load-generator process (``--load-processes``): runs ``generate`` and answers the
-    parent's ``"counts"`` and ``"stop"`` over ``conn`` with its counts."""
-
-    async def run() -> None:
-        counts: dict[str, int] = {}
-        stop = asyncio.Event()
-
-        def command() -> None:
-            if conn.recv() == "stop":
-                stop.set()
-            conn.send(dict(counts))
-
-        asyncio.get_running_loop().add_reader(conn.fileno(), command)
-        await generate(
-            http_port, grpc_port, mode, concurrency, window, stop, counts,
-            started=lambda: conn.send("started"), grpc_channels=grpc_channels,
-        )  # fmt: skip
-
-    asyncio.run(run())
-
-
 class LoadProcesses:
-    """``processes`` load-generator processes sharing ``concurrency`` (as evenly as they can;
-    never more processes than callers): several clients, each with its own connections and, for
-    gRPC, its own channel, so that SO_REUSEPORT spreads them over the front ends, and so that
-    one Python process does not cap the requests/s a many-core machine can serve."""
+    """``processes`` load processes (``python -m bench.frontend_load``) sharing ``concurrency``
+    (as evenly as they can; never more processes than callers): several clients, each with its
+    own connections and, for gRPC, its own channels, so that SO_REUSEPORT spreads them over the
+    front ends, and so that one Python process does not cap the requests/s a many-core machine
+    can serve."""
 
     def __init__(
         self,
@@ -378,59 +212,62 @@ class LoadProcesses:
     ) -> None:
         count = max(1, min(processes, concurrency))
         shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
-        context = multiprocessing.get_context("spawn")
-        self._conns: list[Connection] = []
-        self._processes = []
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        self._processes: list[subprocess.Popen[bytes]] = []
         for share in shares:
-            ours, theirs = context.Pipe()
-            process = context.Process(
-                target=_load_process,
-                args=(
-                    target.http_port,
-                    target.grpc_port,
-                    mode,
-                    share,
-                    window,
-                    grpc_channels,
-                    theirs,
-                ),
-                daemon=True,
+            command = [
+                sys.executable, "-m", "bench.frontend_load", "--mode", mode,
+                "--concurrency", str(share), "--window", str(window),
+                "--grpc-channels", str(grpc_channels),
+            ]  # fmt: skip
+            if target.http_port is not None:
+                command += ["--http-port", str(target.http_port)]
+            if target.grpc_port is not None:
+                command += ["--grpc-port", str(target.grpc_port)]
+            self._processes.append(
+                subprocess.Popen(
+                    command, cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
             )
-            process.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._processes.append(process)
-        for conn in self._conns:
-            try:
-                conn.recv()  # "started"
-            except EOFError:
+        for process in self._processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != b"started":
                 self.stop()
-                raise RuntimeError("a load process exited before it started") from None
+                raise RuntimeError("a load process exited before it started")
 
-    def counts(self, command: str = "counts") -> dict[str, int]:
-        """Every process's outcomes so far, summed (``"stop"``: and stop them)."""
-        for conn in self._conns:
-            conn.send(command)
+    def _ask(self, command: bytes) -> dict[str, int]:
+        """Send ``command`` to every process; their counts, summed (of those still answering)."""
+        for process in self._processes:
+            assert process.stdin is not None
+            try:
+                process.stdin.write(command + b"\n")
+                process.stdin.flush()
+            except OSError:
+                pass  # (exited already)
         total: dict[str, int] = {}
-        for conn in self._conns:
-            for key, value in conn.recv().items():
+        for process in self._processes:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            for key, value in (json.loads(line) if line else {}).items():
                 total[key] = total.get(key, 0) + value
         return total
 
+    def counts(self) -> dict[str, int]:
+        """Every process's outcomes so far, summed."""
+        return self._ask(b"counts")
+
     def stop(self) -> dict[str, int]:
-        """Stop every process; their outcomes, summed (of those still answering)."""
-        total: dict[str, int] = {}
-        for conn in self._conns:
-            try:
-                conn.send("stop")
-                for key, value in conn.recv().items():
-                    total[key] = total.get(key, 0) + value
-            except (EOFError, OSError):
-                pass  # (exited already)
+        """Stop every process; their outcomes, summed."""
+        total = self._ask(b"stop")
         for process in self._processes:
-            process.join(30)
-            if process.is_alive():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait(10)
         return total
 
 

@@ -313,8 +313,9 @@ else
   SERVE=(--concurrency 64 128 --duration-s 5 --warmup-s 1
     --engine-env POSE_MAX_BATCH_SIZE=64 POSE_MAX_QUEUE_SIZE=512)
   COMPILE_ENV=()
-  # four load processes (one Python client caps near 3,000 gRPC calls/s), four channels each:
-  # 16 connections, which SO_REUSEPORT spreads over the front ends (a channel sticks to one)
+  # four load processes (one Python client caps near 3,000 gRPC calls/s a core; each starts in
+  # about 0.1 s: bench.frontend_load imports no torch), four channels each: 16 connections,
+  # which SO_REUSEPORT spreads over the front ends (a channel sticks to one)
   FRONTENDS=(--targets service-1 service-2 service-4 service-8 --modes http-raw grpc-unary
     --concurrency 64 256 --duration-s 3 --warmup-s 1 --load-processes 4 --grpc-channels 4)
 fi
