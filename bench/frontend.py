@@ -40,10 +40,8 @@ from typing import Any
 import httpx
 
 from bench.common import REPO_ROOT, environment, write_result
-from bench.frontend_load import BOXES, generate, tiny_jpeg
+from bench.frontend_load import generate
 from bench.servers import free_port
-
-__all__ = ["BOXES", "LoadProcesses", "Target", "run_level", "start_target", "tiny_jpeg"]
 
 MODES = ("http-raw", "http-json", "grpc-unary", "grpc-stream")
 TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")  # service-N: any N >= 1

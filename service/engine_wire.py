@@ -245,20 +245,14 @@ class Channel(asyncio.Protocol):
             end = start + _LENGTH.size + length
             if len(buffer) < end:
                 break
-            frame = memoryview(buffer)[start + _LENGTH.size : end]
             try:
-                messages = loads(frame)
+                # (Released at once: the buffer cannot be resized while a view of it is held.)
+                with memoryview(buffer)[start + _LENGTH.size : end] as frame:
+                    messages = loads(frame)
+                self._on_messages(self, messages)
             except Exception:
                 logger.exception("a message from another process was dropped")
-                messages = None
-            finally:
-                frame.release()  # (the buffer cannot be resized while a view of it is held)
             start = end
-            if messages is not None:
-                try:
-                    self._on_messages(self, messages)
-                except Exception:
-                    logger.exception("a message from another process was dropped")
         if start:
             del buffer[:start]
 
