@@ -282,7 +282,37 @@ def ipc_tables(doc: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def engine_cycle_tables(doc: dict[str, Any]) -> str:
+    """``bench.engine_cycle``: the engine process's CPU per job and per cycle by burst size, and
+    the fitted line."""
+    rows = [
+        [
+            str(r["burst"]),
+            "eager" if r["eager"] else "unary",
+            _f(r["engine_us_per_job"], 1),
+            _f(r["engine_us_per_cycle"], 0),
+            _f(r["jobs_per_s"], 0),
+        ]
+        for r in doc["results"]
+    ]
+    header = ["burst", "jobs", "engine us/job", "engine us/cycle", "jobs/s"]
+    text = _table(header, rows)
+    fits = [
+        [
+            "eager" if f["eager"] else "unary",
+            _f(f["fixed_us_per_cycle"], 0),
+            _f(f["us_per_job"], 1),
+        ]
+        for f in doc.get("fit", [])
+    ]
+    if fits:
+        text += "\n\nFitted, CPU per cycle = fixed + burst x per job:\n\n"
+        text += _table(["jobs", "fixed us per cycle", "us per job"], fits)
+    return text
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "engine_cycle": engine_cycle_tables,
     "frontend": frontend_tables,
     "ipc": ipc_tables,
     "model": model_tables,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench import decode, ipc, model, pipeline, report, serve
+from bench import decode, engine_cycle, ipc, model, pipeline, report, serve
 from bench.common import percentile, person_boxes, summarize_ms, synthetic_jpeg
 
 # Tiny settings: one or two configurations each, one timed repeat, short serving levels (1.5 s:
@@ -128,6 +128,24 @@ def test_ipc_bench_smoke(tmp_path: Path) -> None:
     socket = [r for r in doc["results"] if r["transport"] == "socket"]
     assert [r["inflight"] for r in socket] == [1, 4]
     assert all(r["messages"] == 200 and r["client_us"] >= 0 for r in socket)
+
+
+def test_engine_cycle_bench_smoke(tmp_path: Path) -> None:
+    # The service's own engine process on the identity model, driven over its socket.
+    argv = ["--bursts", "1", "4", "--jobs", "40", "--rounds", "1", "--out-dir", str(tmp_path)]
+    assert engine_cycle.main(argv) == 0
+    doc = _load_one(tmp_path, "engine_cycle")
+    rows = doc["results"]
+    expected = [(1, False), (4, False), (1, True), (4, True)]
+    assert [(r["burst"], r["eager"]) for r in rows] == expected
+    assert all(r["cycles"] == 40 // r["burst"] and r["jobs_per_s"] > 0 for r in rows)
+    assert [f["eager"] for f in doc["fit"]] == [False, True]
+    assert "fixed us per cycle" in report.render(next(tmp_path.glob("engine_cycle-cpu-*.json")))
+
+
+def test_fit_line() -> None:
+    assert engine_cycle.fit_line([(1, 300.0), (2, 340.0), (4, 420.0)]) == pytest.approx((260, 40))
+    assert engine_cycle.fit_line([(4, 400.0), (4, 420.0)]) == (0.0, 102.5)  # one x: no fixed part
 
 
 # 16 s alone on 2 cores (three detectors built and timed): double the default for a loaded machine.
