@@ -40,10 +40,9 @@ from typing import Any
 import httpx
 
 from bench.common import REPO_ROOT, environment, write_result
-from bench.frontend_load import generate
+from bench.frontend_load import MODES, generate
 from bench.servers import free_port
 
-MODES = ("http-raw", "http-json", "grpc-unary", "grpc-stream")
 TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")  # service-N: any N >= 1
 
 

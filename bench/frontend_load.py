@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 BOXES = [[4.0, 4.0, 20.0, 30.0], [30.0, 8.0, 16.0, 30.0], [10.0, 2.0, 12.0, 12.0]]
+MODES = ("http-raw", "http-json", "grpc-unary", "grpc-stream")
 
 
 def tiny_jpeg() -> bytes:
@@ -120,6 +121,8 @@ async def generate(
     ``grpc_channels`` channels, each its own connection (so its own front end: SO_REUSEPORT
     spreads connections, not calls). Outcomes are counted in ``counts``; ``started`` is called
     once the callers run."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
     image = tiny_jpeg()
     calls: list[Coroutine[Any, Any, None]] = []
     channels: list[Any] = []
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.frontend_load")
     parser.add_argument("--http-port", type=int)
     parser.add_argument("--grpc-port", type=int)
-    parser.add_argument("--mode", required=True)
+    parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--grpc-channels", type=int, default=1)

@@ -6,6 +6,7 @@ file (schema, environment, command line, one row per configuration).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import decode, engine_cycle, ipc, model, pipeline, report, serve
+from bench import decode, engine_cycle, frontend_load, ipc, model, pipeline, report, serve
 from bench.common import percentile, person_boxes, summarize_ms, synthetic_jpeg
 
 # Tiny settings: one or two configurations each, one timed repeat, short serving levels (1.5 s:
@@ -141,6 +142,16 @@ def test_engine_cycle_bench_smoke(tmp_path: Path) -> None:
     assert all(r["cycles"] == 40 // r["burst"] and r["jobs_per_s"] > 0 for r in rows)
     assert [f["eager"] for f in doc["fit"]] == [False, True]
     assert "fixed us per cycle" in report.render(next(tmp_path.glob("engine_cycle-cpu-*.json")))
+
+
+def test_frontend_load_refuses_an_unknown_mode() -> None:
+    # ("grpc" once ran streams silently: any mode that was not HTTP or "grpc-unary" did.)
+    stop = asyncio.Event()
+    stop.set()  # (a mode that were accepted would return at once, not hang)
+    with pytest.raises(ValueError, match="unknown mode 'grpc'"):
+        asyncio.run(frontend_load.generate(None, 1, "grpc", 1, 1, stop, {}))
+    with pytest.raises(SystemExit):
+        frontend_load.main(["--grpc-port", "1", "--mode", "grpc", "--concurrency", "1"])
 
 
 def test_fit_line() -> None:
