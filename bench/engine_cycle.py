@@ -172,7 +172,9 @@ async def measure(
     return rows
 
 
-def run_engine(settings: Settings, bursts: list[int], jobs: int, rounds: int, eager: bool) -> Any:
+def run_engine(
+    settings: Settings, bursts: list[int], jobs: int, rounds: int, eager: bool
+) -> list[dict[str, Any]]:
     """Spawn the engine process, measure, stop it; the rows."""
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as folder:
         metrics = Path(folder) / "metrics"
