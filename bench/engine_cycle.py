@@ -24,8 +24,9 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import shutil
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ import torch
 import uvloop
 
 from bench.common import REPO_ROOT, environment, write_result
+from bench.frontend import cpu_seconds
 from bench.frontend_load import BOXES
-from bench.ipc import cpu_seconds
 from model.interfaces import PoseOptions
 from service.engine_wire import (
     ERROR,
@@ -51,7 +52,7 @@ from service.engine_wire import (
     connect,
     inline_payload,
 )
-from service.processes import engine_main
+from service.processes import RunPaths, engine_main
 from service.settings import Settings
 
 IMAGE_SHAPE = (3, 48, 64)  # (C, H, W): the image bench.frontend sends, decoded
@@ -69,6 +70,7 @@ class Client:
         self._rid = 0
         image = torch.zeros(IMAGE_SHAPE, dtype=torch.uint8)
         self._payload = inline_payload(image)
+        self._ref = ImageRef("inline", IMAGE_SHAPE)
         boxes = torch.tensor([[*box, 1.0] for box in BOXES], dtype=torch.float32)
         self._boxes = boxes_to_wire(boxes)
         self._options = PoseOptions()
@@ -110,9 +112,8 @@ class Client:
             answer = loop.create_future()
             self._waiting[self._rid] = answer
             answers.append(answer)
-            ref = ImageRef("inline", IMAGE_SHAPE)
             message = InferMessage(
-                self._rid, ref, self._boxes, self._options, deadline, "bench", self._eager
+                self._rid, self._ref, self._boxes, self._options, deadline, "bench", self._eager
             )
             self._channel.put(INFER, message.to_wire(), self._payload)
         await asyncio.gather(*answers)
@@ -125,14 +126,11 @@ class Client:
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least squares ``y = a + b x`` over ``(x, y)`` points; (a, b). A single x: (0, mean y / x),
     as nothing tells the fixed part from the rest."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    if sxx == 0:
-        return 0.0, my / mx
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return my - b * mx, b
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    if len(set(xs)) < 2:
+        return 0.0, statistics.fmean(ys) / xs[0]
+    slope, intercept = statistics.linear_regression(xs, ys)
+    return intercept, slope
 
 
 async def measure(
@@ -147,10 +145,10 @@ async def measure(
         for _ in range(rounds):
             for k in bursts:
                 cycles = max(1, jobs // k)
-                cpu0, t0 = cpu_seconds(engine_pid), time.monotonic()
+                cpu0, t0 = cpu_seconds([engine_pid]), time.monotonic()
                 for _ in range(cycles):
                     await client.burst(k)
-                cpu1, t1 = cpu_seconds(engine_pid), time.monotonic()
+                cpu1, t1 = cpu_seconds([engine_pid]), time.monotonic()
                 row = {
                     "burst": k,
                     "eager": eager,
@@ -176,31 +174,31 @@ def run_engine(
     settings: Settings, bursts: list[int], jobs: int, rounds: int, eager: bool
 ) -> list[dict[str, Any]]:
     """Spawn the engine process, measure, stop it; the rows."""
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as folder:
-        metrics = Path(folder) / "metrics"
-        metrics.mkdir()
-        path = str(Path(folder) / "engine.sock")
-        context = multiprocessing.get_context("spawn")
-        process = context.Process(target=engine_main, args=(settings, path, os.getpid()))
-        # The child's metrics go to files, as the service's (its environment is copied at start).
-        before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-        try:
-            process.start()
-        finally:
-            if before is None:
-                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-            else:
-                os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
-        try:
-            assert process.pid is not None
-            return uvloop.run(measure(path, process.pid, bursts, jobs, rounds, eager))
-        finally:
-            process.terminate()  # SIGTERM: the engine drains (nothing is in flight) and exits
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join(10)
+    paths = RunPaths.create()  # the run folder the service makes: socket, metrics, images
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(
+        target=engine_main, args=(settings, paths.engine_address, os.getpid())
+    )
+    # The child's metrics go to files, as the service's (its environment is copied at start).
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(paths.metrics)
+    try:
+        process.start()
+    finally:
+        if before is None:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+    try:
+        assert process.pid is not None
+        return uvloop.run(measure(paths.engine_address, process.pid, bursts, jobs, rounds, eager))
+    finally:
+        process.terminate()  # SIGTERM: the engine drains (nothing is in flight) and exits
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+        shutil.rmtree(paths.root, ignore_errors=True)
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

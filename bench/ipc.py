@@ -29,16 +29,12 @@ from typing import Any
 import uvloop
 
 from bench.common import REPO_ROOT, environment, write_result
+from bench.frontend import cpu_seconds
 from service.engine_wire import Channel, connect, dumps, listen, loads
 
 KIND = b"infer"
 BODY = (0, "x" * 100)
 PAYLOAD_BYTES = 9216  # a 64x48 RGB image inline
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,9 +198,11 @@ def measure(transport: str, messages: int, inflight: int) -> dict[str, Any]:
             if not ready.wait(60):
                 raise RuntimeError(f"the {transport} server did not start")
             assert server.pid is not None
-            ours0, theirs0, t0 = cpu_seconds(os.getpid()), cpu_seconds(server.pid), time.monotonic()
+            ours0, theirs0 = cpu_seconds([os.getpid()]), cpu_seconds([server.pid])
+            t0 = time.monotonic()
             uvloop.run(client(path, messages, inflight))
-            ours1, theirs1, t1 = cpu_seconds(os.getpid()), cpu_seconds(server.pid), time.monotonic()
+            ours1, theirs1 = cpu_seconds([os.getpid()]), cpu_seconds([server.pid])
+            t1 = time.monotonic()
         finally:
             server.kill()
             server.join(10)
