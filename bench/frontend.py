@@ -131,7 +131,9 @@ def start_target(name: str, log_dir: Path, device: str = "cpu") -> Target:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSE_")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     log = log_dir / f"{name}.log"
-    http_port, grpc_port = free_port(), free_port()
+    http_port: int | None = free_port()
+    grpc_port: int | None = free_port()
+    modes: tuple[str, ...]
     if name.startswith("service-"):
         command = [
             sys.executable, "-m", "service", "serve", "--model", "identity",
