@@ -20,12 +20,12 @@
 #   serve_distilpose_s  bench.serve on DistilPose-S (recipe weights), bf16
 #   model_compile       bench.model with torch.compile (bf16): last, its cold compiles are slow
 #
-# Writes under OUT_DIR (a device call brings back at most 8 files; this writes 7 at most):
+# Writes under OUT_DIR (a device call brings back at most 8 files; this writes 8 at most):
 #   summary.md     one row per step (status ok|fail|timeout|skipped, seconds, exit code, note),
 #                  the tail of each failed step's log, and every result rendered by bench.report;
 #                  rewritten after every step, so a run cut short still reports what it did
 #   <step>.json    the result file of each benchmark step (model, decode, serve_identity,
-#                  serve_distilpose_s, model_compile)
+#                  frontends, serve_distilpose_s, model_compile)
 #   logs.tar.gz    every step's full log and the CUDA tests' JUnit XML
 #
 # The GPU machine has no .venv and no network: python3 runs with PYTHONPATH=. (PYTHON overrides;
