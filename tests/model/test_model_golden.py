@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from model import DistilPose, create_model
+from tests.model.tf32 import tf32_off
 from tests.recipe import sha256_sorted_concat
 
 GOLDEN_DIR = Path(__file__).parents[1] / "golden"
@@ -161,13 +162,8 @@ def test_golden_on_cuda_tf32_off(
     """The same comparison on CUDA, float32 with TF32 off (TF32 misses by 20-50x, README s.8)."""
     path = distilpose_s_checkpoint if variant == "distilpose_s" else distilpose_l_checkpoint
     golden = load_golden(variant)
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_off():
         net = create_model(variant, weights=path, device="cuda")
         assert_checksum(net, golden)
         ours = run_outputs(net, golden["input"].cuda())
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     check_outputs(variant, ours, golden)

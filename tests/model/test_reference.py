@@ -33,6 +33,7 @@ from model.reference import (
     reference_models_available,
 )
 from model.ssdlite import SSDLitePersonDetector
+from tests.model.tf32 import tf32_off
 
 HERE = Path(__file__).parents[1]
 OUTPUTS = HERE / "reference_outputs"
@@ -227,10 +228,7 @@ def test_pipeline_on_a_real_photo(cache_dir: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_reference_models_on_cuda(cache_dir: Path, recorded: dict[str, np.ndarray]) -> None:
     """fp32 (TF32 off) on CUDA against the originals; bf16 autocast within a few pixels."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_off():
         pose = load_pose_model("blazepose_full", cache_dir=cache_dir, device="cuda")
         det = load_detector(
             "ssdlite_person", cache_dir=cache_dir, device="cuda", score_threshold=0.01
@@ -254,5 +252,3 @@ def test_reference_models_on_cuda(cache_dir: Path, recorded: dict[str, np.ndarra
         np.testing.assert_allclose(
             got[:, 0].cpu().numpy(), boxes[:, 1] * width, atol=XY_ATOL_PX, rtol=0
         )
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
