@@ -216,7 +216,11 @@ class TokenDistillingEncoder(nn.Module):
         x = self.transformer(x, self.pos_embedding)
         k = self.keypoint_token.shape[1]
         kpt, vis = x[:, :k], x[:, k:]
-        return self.mlp_head(kpt), kpt, vis
+        # The head in float32 whatever autocast says: in bf16 its 5 outputs would carry 8 bits, and
+        # sigmoid(x, y) would step by up to 1/256 of the crop. It is 5 x D multiply-adds per token.
+        with torch.autocast(kpt.device.type, enabled=False):
+            out = self.mlp_head(kpt.to(self.mlp_head[1].weight.dtype))
+        return out, kpt, vis
 
 
 class DistilPoseHead(nn.Module):
@@ -273,7 +277,7 @@ class DistilPose(nn.Module):
 
     def forward(self, x: torch.Tensor) -> DistilPoseOutput:
         """x: (B, 3, H, W) normalised RGB crops -> ``DistilPoseOutput``."""
-        out, kpt, vis = self.keypoint_head(self.backbone(x))  # out: (B, K, 5)
+        out, kpt, vis = self.keypoint_head(self.backbone(x))  # out: (B, K, 5), float32
         return DistilPoseOutput(
             coords=out[..., 0:2].sigmoid(),
             scores=out[..., 2],

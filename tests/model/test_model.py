@@ -131,6 +131,20 @@ def test_predict_casts_crops_to_the_model_dtype(tiny: DistilPose) -> None:
     assert out.sigmas.dtype == torch.float32
 
 
+def test_the_head_runs_in_float32_under_autocast(tiny: DistilPose) -> None:
+    """bf16 autocast runs the backbone and the transformer in bf16 and the 5-output head in
+    float32: in bf16, sigmoid(x, y) would step by up to 1/256 of the crop (recipe weights, four
+    crops of a real photo: 1.32 crop px at most from fp32 with a bf16 head, 0.75 without)."""
+    x = torch.randn(2, 3, 256, 192, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fp32 = tiny(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny(x)
+    assert not torch.equal(low.kpt_tokens, fp32.kpt_tokens)  # the matmuls did run in bf16
+    assert low.coords.dtype == torch.float32 and low.sigmas.dtype == torch.float32
+    assert low.scores.dtype == torch.float32
+
+
 def test_model_is_trainable(tiny: DistilPose) -> None:
     """Gradients reach the backbone and keypoint tokens, not the frozen position table."""
     net = DistilPose(replace(TINY, depth=1), tiny.info).train()
