@@ -291,8 +291,8 @@ class TopDownPipeline:
         if wanted and self.detector is not None:
             start = time.perf_counter()
             detected = self.detector([images[i] for i in wanted])
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            if dev.type == "cuda":  # this worker's stream only: other workers' keep running
+                torch.cuda.current_stream(dev).synchronize()
             stats.detect_images = len(wanted)
             stats.detect_seconds = time.perf_counter() - start
         found = iter(detected)
