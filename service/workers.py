@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -150,11 +151,24 @@ def plan_decoding(
     )
 
 
+# What a device's allocation failures say when they are not torch's OutOfMemoryError: torch's own
+# message (some kernels raise a plain RuntimeError), the CUDA runtime's, cuBLAS's and cuDNN's, and
+# torchvision's nvJPEG checks ("Failed to attach device buffer: 5"; 5 is nvJPEG's
+# NVJPEG_STATUS_ALLOCATOR_FAILURE: nvJPEG allocates outside torch's cache, so emptying the cache
+# and splitting helps it too).
+_OOM_MESSAGE = re.compile(
+    r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED"
+    r"|CUDNN_STATUS_\w*ALLOC\w*FAILED"
+    r"|^Failed to (?:create|attach|initialize|decode|transfer)[^:\n]*: 5$",
+    re.MULTILINE,
+)
+
+
 def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is a CUDA out-of-memory error (some kernels raise a plain RuntimeError)."""
+    """Whether ``exc`` is a device's out-of-memory error (``_OOM_MESSAGE``)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    return isinstance(exc, RuntimeError) and _OOM_MESSAGE.search(str(exc)) is not None
 
 
 def calibrate(

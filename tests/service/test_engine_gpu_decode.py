@@ -39,7 +39,7 @@ from service.errors import ImageError
 from service.gpu_decode import decode_jpegs, probe_image, sample_jpeg
 from service.settings import Settings
 from service.uploads import decode_image
-from service.workers import plan_decoding
+from service.workers import is_oom, plan_decoding
 from tests.service.descriptions import fake_description
 from tests.service.test_engine_real import assert_same
 
@@ -614,3 +614,29 @@ async def test_cuda_route_end_to_end(engines: list[Engine]) -> None:
         assert got.shape == expected.shape
         assert (got.float() - expected.float()).abs().mean().item() < CUDA_MAX_MEAN_ABS_DIFF, name
     assert sum(d.type == "cuda" for d in pipeline.devices) == len(QUALIFYING)
+
+
+@pytest.mark.parametrize(
+    ("message", "oom"),
+    [
+        ("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)", True),
+        ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+        ("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", True),
+        # torchvision's nvJPEG checks end with nvJPEG's status: 5 is ALLOCATOR_FAILURE
+        ("Failed to attach device buffer: 5", True),
+        ("Failed to decode jpeg stream: 5", True),
+        ("Failed to decode jpeg stream: 3", False),  # BAD_JPEG: the file, not the memory
+        ("Failed to decode jpeg stream: 55", False),
+        ("nvjpegDecode failed (fake)", False),
+        ("CUDA error: an illegal memory access was encountered", False),
+        ("pipeline returned 1 results for 2", False),
+    ],
+)
+def test_is_oom_knows_each_device_library_s_out_of_memory(message: str, oom: bool) -> None:
+    """An allocation failure splits a batch (``WorkerPool._execute``) and empties torch's cache
+    before a device decoder's halves run; any other failure fails the batch's jobs."""
+    assert is_oom(RuntimeError(message)) is oom
+    assert is_oom(torch.cuda.OutOfMemoryError("anything"))
+    assert not is_oom(ValueError(message))
