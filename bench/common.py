@@ -8,6 +8,8 @@ timed call on CUDA, and medians / p95 over repeats rather than means.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import io
 import json
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,6 +504,23 @@ def person_boxes(
         y = rng.uniform(0, height - h)
         rows.append([x, y, w, h, float(rng.uniform(0.5, 1.0))])
     return torch.tensor(rows, dtype=torch.float32).reshape(n, 5)
+
+
+@contextlib.contextmanager
+def rows_so_far(extra: dict[str, Any]) -> Iterator[None]:
+    """Run a measuring loop until SIGINT (``gpu_check.sh``'s time box, or Ctrl-C), then carry on,
+    so that the caller writes the rows measured so far, with ``extra["interrupted"] = True``
+    (exit with ``INTERRUPTED_EXIT`` afterwards). In a coroutine under ``asyncio.run`` SIGINT
+    arrives as the main task's cancellation, which is caught too: use it only around a bench's
+    own top-level loop."""
+    try:
+        yield
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        extra["interrupted"] = True
+        print("interrupted: writing the rows measured so far", file=sys.stderr, flush=True)
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def dump_json_line(obj: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO_ROOT, environment, write_result
+from bench.common import INTERRUPTED_EXIT, REPO_ROOT, environment, rows_so_far, write_result
 from bench.frontend_load import MODES, generate
 from bench.servers import free_port
 
@@ -360,31 +360,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     env = environment(args.device)
-    rows = []
-    start_up = []
-    for name in args.targets:
-        target = start_target(name, log_dir, args.device)
-        start_up.append(target.start_up())
-        print(json.dumps(start_up[-1]), flush=True)
-        try:
-            for mode in [m for m in args.modes if m in target.modes]:
-                for concurrency in args.concurrency:
-                    row = asyncio.run(
-                        run_level(
-                            target,
-                            mode,
-                            concurrency,
-                            args.duration_s,
-                            args.warmup_s,
-                            args.window,
-                            args.load_processes,
-                            args.grpc_channels,
+    rows: list[dict[str, Any]] = []
+    start_up: list[dict[str, Any]] = []
+    stopped: dict[str, Any] = {}
+    with rows_so_far(stopped):
+        for name in args.targets:
+            target = start_target(name, log_dir, args.device)
+            start_up.append(target.start_up())
+            print(json.dumps(start_up[-1]), flush=True)
+            try:
+                for mode in [m for m in args.modes if m in target.modes]:
+                    for concurrency in args.concurrency:
+                        row = asyncio.run(
+                            run_level(
+                                target,
+                                mode,
+                                concurrency,
+                                args.duration_s,
+                                args.warmup_s,
+                                args.window,
+                                args.load_processes,
+                                args.grpc_channels,
+                            )
                         )
-                    )
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        finally:
-            target.stop()
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+            finally:
+                target.stop()
     path = write_result(
         "frontend",
         args.device,
@@ -392,10 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         out_dir=args.out_dir,
         env=env,
-        extra={"start_up": start_up},
+        extra={"start_up": start_up, **stopped},
     )
     print(f"wrote {path}", flush=True)
-    return 0
+    return INTERRUPTED_EXIT if stopped else 0
 
 
 if __name__ == "__main__":

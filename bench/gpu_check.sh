@@ -8,7 +8,10 @@
 # Steps, in this order, each under `timeout` (SIGINT, then SIGKILL 15 s later, to the step's whole
 # process group: the servers bench.serve starts are stopped too); a failing step does not stop the
 # others, and the whole run stays inside BUDGET_S seconds (default 460: one device call, with room
-# to spare under its 10-minute limit; a step that no longer fits is "skipped"):
+# to spare under its 10-minute limit; a step that no longer fits is "skipped"; one that starts with
+# less than its time box left gets what is left, and if SIGINT stops bench.model, bench.serve or
+# bench.frontend, the script still writes the rows measured so far, marked "interrupted": the step
+# reads "timeout" with its result file):
 #   setup               carried wheels (.whl/*.whl) installed; versions, GPU, every import checked
 #   weights             DistilPose-S recipe weights (tests/recipe.py), offline
 #   cuda_tests          pytest -m cuda over the files that hold @pytest.mark.cuda tests (the

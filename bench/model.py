@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,10 +31,12 @@ from typing import Any
 import torch
 
 from bench.common import (
+    INTERRUPTED_EXIT,
     add_common_args,
     apply_threads,
     dump_json_line,
     environment,
+    rows_so_far,
     summarize_ms,
     synchronize,
     time_repeats,
@@ -373,9 +377,8 @@ def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Run the sweep and write the JSON result file; returns its path."""
-    from model import create_model
-
+    """Run the sweep and write the JSON result file (the rows measured so far, marked
+    ``interrupted``, when SIGINT stops it); returns its path."""
     apply_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -394,6 +397,38 @@ def run(args: argparse.Namespace) -> Path:
             skipped.append(
                 {"precision": precision, "reason": "torch on CPU runs fp32 (service contract)"}
             )
+    stopped: dict[str, Any] = {}
+    with rows_so_far(stopped):
+        _sweep(args, device, backends, results, skipped)
+    comparison = comparisons(results)
+    for line in comparison:
+        dump_json_line(line)
+    return write_result(
+        "model",
+        args.device,
+        args,
+        results,
+        out_dir=args.out_dir,
+        env=env,
+        extra={
+            "skipped": skipped,
+            "weights": "random (cost does not depend on values)",
+            "backend_comparison": comparison,
+            **stopped,
+        },
+    )
+
+
+def _sweep(
+    args: argparse.Namespace,
+    device: torch.device,
+    backends: list[str],
+    results: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+) -> None:
+    """Every configuration of ``run``, appending to ``results`` and ``skipped`` as it goes."""
+    from model import create_model
+
     for model_name in args.models:
         net = create_model(model_name, weights=None, device=str(device))
         net.eval()
@@ -449,22 +484,6 @@ def run(args: argparse.Namespace) -> Path:
         del net
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    comparison = comparisons(results)
-    for line in comparison:
-        dump_json_line(line)
-    return write_result(
-        "model",
-        args.device,
-        args,
-        results,
-        out_dir=args.out_dir,
-        env=env,
-        extra={
-            "skipped": skipped,
-            "weights": "random (cost does not depend on values)",
-            "backend_comparison": comparison,
-        },
-    )
 
 
 def _package_version(name: str) -> str:
@@ -477,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m bench.model``."""
     path = run(parse_args(argv))
     dump_json_line({"written": str(path)})
+    if json.loads(path.read_text()).get("interrupted"):
+        sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,10 +46,12 @@ import httpx
 import torch
 
 from bench.common import (
+    INTERRUPTED_EXIT,
     ResourceSampler,
     add_common_args,
     dump_json_line,
     environment,
+    rows_so_far,
     write_result,
 )
 from bench.loadgen import (
@@ -286,8 +290,39 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+async def _levels(
+    args: argparse.Namespace,
+    payloads: list[Payload],
+    engines: dict[str | None, Server],
+    servers: dict[str, Server],
+    channels: dict[str | None, Any],
+    all_pids: dict[str, int],
+    rows: list[dict[str, Any]],
+) -> None:
+    """Every level of ``schedule``, appending its row to ``rows`` as it ends."""
+    for rnd, concurrency, backend, target in schedule(args):
+        # The service under load is "engine" in the level's view and in its resource rows;
+        # the other services keep their names (idle).
+        engine = engines.get(backend)
+        view = {"naive": servers["naive"]} if "naive" in servers else {}
+        pids = dict(all_pids)
+        if engine is not None and engine.proc is not None:
+            view["engine"] = engine
+            pids["engine"] = pids.pop(engine.name)
+        pids["loadgen"] = os.getpid()
+        row = await run_level(
+            target, concurrency, args, payloads, view, channels.get(backend), pids
+        )
+        row["round"] = rnd
+        if backend is not None:
+            row["backend"] = backend
+        rows.append(row)
+        dump_json_line({k: v for k, v in row.items() if k != "resources"})
+
+
 async def run_async(args: argparse.Namespace) -> Path:
-    """Start both servers, run the matrix, stop the servers, write the JSON."""
+    """Start both servers, run the matrix, stop the servers, write the JSON (the rows measured
+    so far, marked ``interrupted``, when SIGINT stops the matrix)."""
     import grpc
 
     env = environment(args.device)
@@ -303,6 +338,7 @@ async def run_async(args: argparse.Namespace) -> Path:
     if "naive-http" in args.targets:
         servers["naive"] = naive_server(args, log_dir)
     rows: list[dict[str, Any]] = []
+    stopped: dict[str, Any] = {}
     startup: dict[str, float] = {}
     answers: dict[str, dict[str, Any]] = {}
     channels: dict[str | None, Any] = {}
@@ -331,24 +367,8 @@ async def run_async(args: argparse.Namespace) -> Path:
                 f"127.0.0.1:{s.grpc_port}", options=options
             )
         all_pids = {name: s.proc.pid for name, s in servers.items() if s.proc is not None}
-        for rnd, concurrency, backend, target in schedule(args):
-            # The service under load is "engine" in the level's view and in its resource rows;
-            # the other services keep their names (idle).
-            engine = engines.get(backend)
-            view = {"naive": servers["naive"]} if "naive" in servers else {}
-            pids = dict(all_pids)
-            if engine is not None and engine.proc is not None:
-                view["engine"] = engine
-                pids["engine"] = pids.pop(engine.name)
-            pids["loadgen"] = os.getpid()
-            row = await run_level(
-                target, concurrency, args, payloads, view, channels.get(backend), pids
-            )
-            row["round"] = rnd
-            if backend is not None:
-                row["backend"] = backend
-            rows.append(row)
-            dump_json_line({k: v for k, v in row.items() if k != "resources"})
+        with rows_so_far(stopped):
+            await _levels(args, payloads, engines, servers, channels, all_pids, rows)
     finally:
         for channel in channels.values():
             await channel.close()
@@ -379,6 +399,7 @@ async def run_async(args: argparse.Namespace) -> Path:
                 "jpeg_bytes": [len(p.jpeg) for p in payloads],
             },
             "logs": str(log_dir) if args.keep_logs else None,
+            **stopped,
         },
     )
     if not args.keep_logs:
@@ -391,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = asyncio.run(run_async(args))
     dump_json_line({"written": str(path)})
+    if json.loads(path.read_text()).get("interrupted"):
+        sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":
