@@ -118,7 +118,12 @@ if path.endswith(".log"):
 def n(v):  # 3 significant digits, thousands separated
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 doc = json.load(open(path))
+if doc.get("interrupted"):
+    print("PARTIAL (stopped by its time box): ", end="")
 rows = doc["results"]
+if not rows:
+    print("no row measured")
+    raise SystemExit
 ok = [r for r in rows if r.get("status", "ok") == "ok"]
 if doc["part"] == "serve":
     top = max(r["concurrency"] for r in rows)
