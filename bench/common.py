@@ -301,15 +301,37 @@ def _proc_rss_bytes(pid: int) -> int | None:
     return None
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, now (a service with front-end processes is a tree)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        tree += children
+        frontier = children
+    return tree
+
+
 class ResourceSampler:
     """Polls process RSS and CPU% (via /proc) and, on CUDA, GPU utilisation and memory.
 
-    GPU figures come from ``nvidia-smi`` when it is installed, else from
+    A name may stand for several processes (``process_tree``: a service's supervisor, engine and
+    front ends): its CPU% and RSS are their sums (shared pages such as torch's libraries counted
+    once per process). GPU figures come from ``nvidia-smi`` when it is installed, else from
     ``torch.cuda.mem_get_info`` (memory only). Use as a context manager around a load run.
     """
 
-    def __init__(self, pids: dict[str, int], *, gpu: bool, interval_s: float = 0.25) -> None:
-        self.pids = pids
+    def __init__(
+        self, pids: dict[str, int | list[int]], *, gpu: bool, interval_s: float = 0.25
+    ) -> None:
+        self.pids = {name: [p] if isinstance(p, int) else list(p) for name, p in pids.items()}
         self.gpu = gpu
         self.interval_s = interval_s
         self._stop = threading.Event()
@@ -365,20 +387,32 @@ class ResourceSampler:
             return {"gpus": mem_rows}
         return {}
 
+    @staticmethod
+    def _cpu_seconds(pids: list[int]) -> float | None:
+        """Summed over ``pids``; None once any of them is gone (the sum would jump)."""
+        total = 0.0
+        for pid in pids:
+            cpu = _proc_cpu_seconds(pid)
+            if cpu is None:
+                return None
+            total += cpu
+        return total
+
     def _loop(self) -> None:
-        last_cpu = {name: _proc_cpu_seconds(pid) for name, pid in self.pids.items()}
+        last_cpu = {name: self._cpu_seconds(pids) for name, pids in self.pids.items()}
         last_t = time.monotonic()
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             sample: dict[str, Any] = {"t": now}
-            for name, pid in self.pids.items():
-                cpu = _proc_cpu_seconds(pid)
+            for name, pids in self.pids.items():
+                cpu = self._cpu_seconds(pids)
                 prev = last_cpu.get(name)
                 pct = None
                 if cpu is not None and prev is not None and now > last_t:
                     pct = 100.0 * (cpu - prev) / (now - last_t)
                 last_cpu[name] = cpu
-                sample[name] = {"rss_mib": (_proc_rss_bytes(pid) or 0) / 2**20, "cpu_pct": pct}
+                rss = sum(_proc_rss_bytes(pid) or 0 for pid in pids)
+                sample[name] = {"rss_mib": rss / 2**20, "cpu_pct": pct}
             if self.gpu:
                 sample.update(self._gpu_sample())
             last_t = now

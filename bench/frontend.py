@@ -39,7 +39,14 @@ from typing import Any
 
 import httpx
 
-from bench.common import INTERRUPTED_EXIT, REPO_ROOT, environment, rows_so_far, write_result
+from bench.common import (
+    INTERRUPTED_EXIT,
+    REPO_ROOT,
+    environment,
+    process_tree,
+    rows_so_far,
+    write_result,
+)
 from bench.frontend_load import MODES, generate
 from bench.servers import free_port
 
@@ -71,20 +78,7 @@ class Target:
 
     def tree_pids(self) -> list[int]:
         """The server process and all its descendants, now."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        tree, frontier = [self.process.pid], [self.process.pid]
-        while frontier:
-            children = [pid for pid, ppid in parents.items() if ppid in frontier]
-            tree += children
-            frontier = children
-        return tree
+        return process_tree(self.process.pid)
 
     def start_up(self) -> dict[str, Any]:
         """Time to ready, and the memory of each process of the tree now: RSS, and PSS (shared

@@ -51,6 +51,7 @@ from bench.common import (
     add_common_args,
     dump_json_line,
     environment,
+    process_tree,
     rows_so_far,
     write_result,
 )
@@ -144,7 +145,7 @@ async def run_level(
     payloads: list[Payload],
     servers: dict[str, Server],
     channel: Any,
-    sampler_pids: dict[str, int],
+    sampler_pids: dict[str, int | list[int]],
 ) -> dict[str, Any]:
     """Warm up, then measure one (target, concurrency) for ``duration_s``."""
     tally = Tally()
@@ -305,7 +306,9 @@ async def _levels(
         # the other services keep their names (idle).
         engine = engines.get(backend)
         view = {"naive": servers["naive"]} if "naive" in servers else {}
-        pids = dict(all_pids)
+        # Each server's whole tree (on CUDA the service runs front ends beside its engine); the
+        # load generator alone (its tree holds the servers).
+        pids: dict[str, int | list[int]] = {n: process_tree(p) for n, p in all_pids.items()}
         if engine is not None and engine.proc is not None:
             view["engine"] = engine
             pids["engine"] = pids.pop(engine.name)

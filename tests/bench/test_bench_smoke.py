@@ -9,13 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import decode, engine_cycle, frontend_load, ipc, model, pipeline, report, serve
-from bench.common import percentile, person_boxes, summarize_ms, synthetic_jpeg
+from bench.common import (
+    ResourceSampler,
+    percentile,
+    person_boxes,
+    process_tree,
+    summarize_ms,
+    synthetic_jpeg,
+)
 
 # Tiny settings: one or two configurations each, one timed repeat, short serving levels (1.5 s:
 # long enough for answers to complete inside the window on 2 loaded cores, ~0.75 s each there).
@@ -75,6 +85,34 @@ def test_statistics_helpers() -> None:
     assert boxes[0, :4].tolist() == pytest.approx([10.0, 20.0, 100.0, 200.0])
     assert bool((boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 640).all())
     assert synthetic_jpeg(32, 24, seed=1)[:2] == b"\xff\xd8"
+
+
+def test_resources_of_a_process_tree_count_its_children() -> None:
+    """A service with front ends is a tree (supervisor, engine, front ends): sampled as its tree,
+    the busy child's CPU counts; sampled as the supervisor's pid alone, it would not."""
+    spin = "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree := process_tree(parent.pid)) < 2:
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.05)
+        with ResourceSampler({"tree": tree, "alone": parent.pid}, gpu=False, interval_s=0.1) as s:
+            time.sleep(1.0)
+        summary = s.summary()
+    finally:
+        for pid in reversed(process_tree(parent.pid)):
+            subprocess.run(["kill", str(pid)], check=False)
+        parent.wait()
+    assert summary["tree"]["cpu_pct_mean"] > 30, summary  # a spinning core, on 2 busy cores
+    assert summary["alone"]["cpu_pct_mean"] < 10, summary
+    assert summary["tree"]["rss_mib_max"] > summary["alone"]["rss_mib_max"]
 
 
 def test_engine_vs_naive_comparison_pairs_rows() -> None:
