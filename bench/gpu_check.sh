@@ -19,8 +19,8 @@
 #   model               bench.model: DistilPose-S and -L, fp32 and bf16, eager and CUDA graphs
 #   decode              bench.decode: nvJPEG (batched) against the CPU decoders
 #   serve_identity      bench.serve on the identity model: the serving path alone
+#   serve_distilpose_s  bench.serve on DistilPose-S (recipe weights), bf16: the product's number
 #   frontends           bench.frontend: the identity model with 1, 2, 4 and 8 front-end processes
-#   serve_distilpose_s  bench.serve on DistilPose-S (recipe weights), bf16
 #   model_compile       bench.model with torch.compile (bf16): last, its cold compiles are slow
 #
 # Writes under OUT_DIR (a device call brings back at most 8 files; this writes 8 at most):
@@ -89,7 +89,7 @@ fi
 DEADLINE=$((SECONDS + BUDGET_S))
 MIN_STEP_S=10
 WEIGHTS=$WORK/distilpose_s.pth
-STEPS=(setup weights cuda_tests model decode serve_identity frontends serve_distilpose_s
+STEPS=(setup weights cuda_tests model decode serve_identity serve_distilpose_s frontends
   model_compile)
 ROWS=()      # "step|status|seconds|exit|result|note", in order
 FAILED=()    # steps whose log tail goes into the summary
@@ -248,6 +248,8 @@ setup() {
   else
     echo "note: no .whl folder: nothing installed"
   fi
+  # the run folder of a service with front ends lives there (images in flight, metrics files)
+  echo "note: /dev/shm $(df -h --output=size,avail /dev/shm 2>/dev/null | tail -n 1 | xargs)"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
       sed 's/^/note: nvidia-smi: /'
@@ -333,10 +335,10 @@ run_step model 120 "$PY" -m bench.model --device "$DEVICE" --flip off --cuda-gra
 run_step decode 60 "$PY" -m bench.decode --device "$DEVICE" "${DECODE[@]}" --out-dir "$DIR/decode"
 run_step serve_identity 120 "$PY" -m bench.serve --device "$DEVICE" --model identity \
   "${SERVE[@]}" --out-dir "$DIR/serve_identity"
-run_step frontends 150 "$PY" -m bench.frontend --device "$DEVICE" "${FRONTENDS[@]}" \
-  --out-dir "$DIR/frontends"
 run_step serve_distilpose_s 150 "$PY" -m bench.serve --device "$DEVICE" --model distilpose_s \
   --weights "$WEIGHTS" --precision bf16 "${SERVE[@]}" --out-dir "$DIR/serve_distilpose_s"
+run_step frontends 150 "$PY" -m bench.frontend --device "$DEVICE" "${FRONTENDS[@]}" \
+  --out-dir "$DIR/frontends"
 run_step model_compile 180 "${COMPILE_ENV[@]}" "$PY" -m bench.model --device "$DEVICE" \
   --flip off --compile on "${COMPILE[@]}" --out-dir "$DIR/model_compile"
 
