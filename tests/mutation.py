@@ -260,6 +260,35 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/deploy/test_ci_guard.py",),
         "CI lets a missing tool or package skip its tests",
     ),
+    # GPU-session insurance (stop 29)
+    Mutation(
+        "distilpose_head_in_autocast",
+        "model/distilpose.py",
+        "        with torch.autocast(kpt.device.type, enabled=False):\n",
+        "        with torch.autocast(\n"
+        "            kpt.device.type, enabled=torch.is_autocast_enabled(kpt.device.type)\n"
+        "        ):\n",
+        ("tests/model/test_model.py::test_the_head_runs_in_float32_under_autocast",),
+        "DistilPose's 5-output head runs in bf16 under autocast (coordinates rounded to 8 bits)",
+    ),
+    Mutation(
+        "oom_misses_cublas",
+        "service/workers.py",
+        '    r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED"\n',
+        '    r"CUDA out of memory|CUDA error: out of memory"\n',
+        (
+            "tests/service/test_engine_gpu_decode.py::test_is_oom_knows_each_device_library_s_out_of_memory",
+        ),
+        "a cuBLAS allocation failure fails its batch instead of splitting it",
+    ),
+    Mutation(
+        "bench_interrupt_unmarked",
+        "bench/common.py",
+        '        extra["interrupted"] = True\n',
+        "        pass\n",
+        ("tests/bench/test_bench_interrupt.py",),
+        "a benchmark stopped by SIGINT writes its partial rows without saying so",
+    ),
 )
 
 
