@@ -281,14 +281,23 @@ def summarize_ms(samples_s: Sequence[float]) -> dict[str, float | int]:
 # Resource sampling (serving runs)
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
+def _proc_cpu_seconds(pid: int, *, system_only: bool = False) -> float | None:
+    """User + system CPU seconds of ``pid`` so far (system only: time in the kernel); None once
+    it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     # After the command name: state is field 3, utime 14, stime 15 (1-based over the whole line).
-    ticks = int(fields[11]) + int(fields[12])
+    ticks = int(fields[12]) + (0 if system_only else int(fields[11]))
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int], *, system_only: bool = False) -> float:
+    """User + system CPU seconds of ``pids`` so far, summed over those still running (system
+    only: time in the kernel)."""
+    seconds = (_proc_cpu_seconds(pid, system_only=system_only) for pid in pids)
+    return sum(s for s in seconds if s is not None)
 
 
 def _proc_rss_bytes(pid: int) -> int | None:

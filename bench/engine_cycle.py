@@ -34,8 +34,7 @@ from typing import Any
 import torch
 import uvloop
 
-from bench.common import REPO_ROOT, environment, write_result
-from bench.frontend import cpu_seconds
+from bench.common import REPO_ROOT, cpu_seconds, environment, write_result
 from bench.frontend_load import BOXES
 from model.interfaces import PoseOptions
 from service.engine_wire import (

@@ -42,6 +42,7 @@ import httpx
 from bench.common import (
     INTERRUPTED_EXIT,
     REPO_ROOT,
+    cpu_seconds,
     environment,
     process_tree,
     rows_so_far,
@@ -106,19 +107,6 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-
-
-def cpu_seconds(pids: list[int], *, system_only: bool = False) -> float:
-    """User + system CPU seconds of ``pids`` so far (system only: time in the kernel)."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[12]) + (0 if system_only else int(fields[11]))) / tick
-    return total
 
 
 def start_target(name: str, log_dir: Path, device: str = "cpu") -> Target:

@@ -28,8 +28,7 @@ from typing import Any
 
 import uvloop
 
-from bench.common import REPO_ROOT, environment, write_result
-from bench.frontend import cpu_seconds
+from bench.common import REPO_ROOT, cpu_seconds, environment, write_result
 from service.engine_wire import Channel, connect, dumps, listen, loads
 
 KIND = b"infer"
