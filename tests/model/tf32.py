@@ -15,25 +15,25 @@ from collections.abc import Iterator
 
 import torch
 
+from model.pipeline import _ieee_fp32_on_cuda
+
 
 @contextlib.contextmanager
 def tf32_off() -> Iterator[None]:
-    """fp32 is IEEE fp32 on CUDA (convolutions and matmuls) inside the block."""
+    """fp32 is IEEE fp32 on CUDA (convolutions and matmuls) inside the block: switched by the
+    pipeline's own ``_ieee_fp32_on_cuda``, restored through the API it used."""
     conv = getattr(torch.backends.cudnn, "conv", None)
-    matmul = torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision"):
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    new_api = conv is not None and hasattr(conv, "fp32_precision")
+    if new_api:
         saved = (conv.fp32_precision, matmul.fp32_precision)
-        conv.fp32_precision = "ieee"
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
     else:  # torch without the fp32_precision API
-        legacy = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy
+        saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    _ieee_fp32_on_cuda()
+    try:
+        yield
+    finally:
+        if new_api:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
