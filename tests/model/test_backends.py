@@ -6,8 +6,8 @@ abs <= 3e-5 against the official outputs (measured on both backends: coords < 5e
 sigmas < 2e-6). The reference pair (BlazePose + SSDLite, crops placed by BlazePose's pose detector)
 on COCO image 785 through ``auto`` (OpenVINO) and ONNX Runtime: OKS within 0.005 of PyTorch's,
 boxes within 0.01 px; the pose detector's network within ``model.export``'s tolerances and its ROIs
-within 0.01 px and 0.001 degrees. bf16 (OpenVINO, only where the CPU has it): within 0.5 px of a
-256 px crop; the detectors stay f32.
+within 0.01 px and 0.001 degrees. bf16 (OpenVINO, only where the CPU has it): within 3 px of a
+192 x 256 crop (``BF16_TOL_PX``); the detectors stay f32.
 
 Exports go to one folder per test session (``onnx_cache``), never to the user's cache.
 """
@@ -42,7 +42,13 @@ from tests.model.test_model_golden import load_golden
 ONNX_BACKENDS = ["openvino", "onnxruntime"]
 GOLDEN_TOL = {"coords": 1e-5, "scores": 3e-5, "sigmas": 3e-5}
 OKS_TOL = 0.005
-BF16_TOL_PX = 0.5
+# Measured 1.53 px (max over the golden input's 17 x 2 keypoints; scores 0.018) on an AMD EPYC
+# with AVX-512 BF16, OpenVINO 2026.4.1: the first CPU here to have bf16 (the 0.5 px this bound
+# was before had never run). OpenVINO runs the whole graph in bf16, the 5-output head included:
+# PyTorch's autocast gave 1.89 image px on the golden pipeline with its head in bf16, 1.23 with
+# it in float32 (model.distilpose). Marking the head's ops ``disable_fp16_compression`` changed
+# nothing under the CPU plugin's bf16 hint. Twice the measured figure.
+BF16_TOL_PX = 3.0
 ROI_TOL_PX = 0.01
 ROI_TOL_DEG = 1e-3
 
