@@ -262,3 +262,34 @@ def test_metrics_registries_are_private_per_app() -> None:
     engine = make_engine(pipeline)
     one, two = create_app(engine, Settings()), create_app(engine, Settings())
     assert isinstance(one.state.metrics, Metrics) and one.state.metrics is not two.state.metrics
+
+
+class BrokenDescribe(SlowPipeline):
+    """A pipeline whose description raises: a bug, not an ``EngineError``."""
+
+    def describe(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug in describe")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/pose"),  # answered in front of FastAPI (DirectRoutes)
+        ("GET", "/v1/models"),  # answered inside it (its router and error middleware)
+    ],
+)
+def test_a_bug_in_a_route_gives_a_json_500_with_the_request_id(method: str, path: str) -> None:
+    with serve(BrokenDescribe()) as live, client(live.url) as http:
+        answer = http.request(
+            method,
+            path,
+            content=IMAGE if method == "POST" else None,
+            headers={"content-type": "image/png", "x-request-id": "bug-1"},
+        )
+        alive = http.get("/livez")
+    assert answer.status_code == 500
+    assert answer.headers["x-request-id"] == "bug-1"
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error == {"code": "internal", "message": "internal error (request id bug-1)"}
+    assert alive.status_code == 200
