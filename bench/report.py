@@ -311,7 +311,24 @@ def engine_cycle_tables(doc: dict[str, Any]) -> str:
     return text
 
 
+def batch_queue_tables(doc: dict[str, Any]) -> str:
+    """``bench.batch_queue``: microseconds to form one batch, by queue, sources and batch size."""
+    rows = [
+        [
+            str(r["queued"]),
+            str(r["sources"]),
+            str(r["batch"]),
+            _f(r["us_per_batch_median"], 1),
+            _f(r["us_per_batch_mean"], 1),
+        ]
+        for r in doc["results"]
+    ]
+    header = ["queued", "sources", "batch", "us per batch (median)", "us per batch (mean)"]
+    return _table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "batch_queue": batch_queue_tables,
     "engine_cycle": engine_cycle_tables,
     "frontend": frontend_tables,
     "ipc": ipc_tables,

@@ -17,7 +17,17 @@ from typing import Any
 
 import pytest
 
-from bench import decode, engine_cycle, frontend_load, ipc, model, pipeline, report, serve
+from bench import (
+    batch_queue,
+    decode,
+    engine_cycle,
+    frontend_load,
+    ipc,
+    model,
+    pipeline,
+    report,
+    serve,
+)
 from bench.common import (
     ResourceSampler,
     percentile,
@@ -180,6 +190,20 @@ def test_engine_cycle_bench_smoke(tmp_path: Path) -> None:
     assert all(r["cycles"] == 40 // r["burst"] and r["jobs_per_s"] > 0 for r in rows)
     assert [f["eager"] for f in doc["fit"]] == [False, True]
     assert "fixed us per cycle" in report.render(next(tmp_path.glob("engine_cycle-cpu-*.json")))
+
+
+def test_batch_queue_bench_smoke(tmp_path: Path) -> None:
+    argv = ["--cases", "8:1:4", "20:20:8", "--rounds", "5", "--out-dir", str(tmp_path)]
+    assert batch_queue.main(argv) == 0
+    doc = _load_one(tmp_path, "batch_queue")
+    assert [(r["queued"], r["sources"], r["batch"]) for r in doc["results"]] == [
+        (8, 1, 4),
+        (20, 20, 8),
+    ]
+    assert all(r["rounds"] == 5 and r["us_per_batch_median"] > 0 for r in doc["results"])
+    assert "us per batch (median)" in report.render(next(tmp_path.glob("batch_queue-cpu-*.json")))
+    with pytest.raises(SystemExit):
+        batch_queue.main(["--cases", "8:0:4"])
 
 
 def test_frontend_load_refuses_an_unknown_mode() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -385,6 +386,98 @@ def recorded_queue() -> BatchQueue:
     queue.finished(ran)
     queue.record(ran, BatchStats(pose_crops=4, pose_seconds=1.0), 1.0)
     return queue
+
+
+class _FixedCrops:
+    """A cost curve's two answers the queue asks for, fixed: batches of up to ``crops``."""
+
+    def __init__(self) -> None:
+        self.crops: float | None = None
+
+    def batch_size(self, queued: float) -> float | None:
+        return self.crops
+
+    def plan(self, queued: float) -> float | None:
+        return self.crops
+
+
+class _ScanningFairQueue:
+    """The fairness rule as the queue's documentation states it, by scanning a list (how the
+    queue did it before its heap): the reference for the test below."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.queue: list[Job] = []
+        self.served: dict[str, float] = {}
+
+    def add(self, job: Job) -> None:
+        if job.source not in self.served:
+            self.served[job.source] = min(self.served.values(), default=0.0)
+        self.queue.append(job)
+
+    def take(self, crops: float | None) -> list[Job]:
+        queued = sum(job.work for job in self.queue)
+        if len(self.queue) <= self.max_batch_size and (
+            crops is None or len(self.queue) == 1 or queued <= crops
+        ):
+            taken, self.queue, self.served = self.queue, [], {}
+            return taken
+        taken: list[Job] = []
+        work = 0.0
+        while self.queue and len(taken) < self.max_batch_size:
+            heads: dict[str, Job] = {}
+            for job in self.queue:
+                heads.setdefault(job.source, job)
+            job = min(heads.values(), key=lambda j: self.served[j.source])  # first on ties
+            if taken and crops is not None and work + job.work > crops:
+                break
+            self.queue.remove(job)
+            self.served[job.source] += job.work
+            taken.append(job)
+            work += job.work
+        sources = {job.source for job in self.queue}
+        self.served = {s: n for s, n in self.served.items() if s in sources}
+        return taken
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batches_are_formed_as_the_fairness_rule_says(seed: int) -> None:
+    """Random admissions (sources, boxes, eager or not), cancellations and batches (with and
+    without a crops budget) give the same batches, job for job, as the rule applied by a scan;
+    enough cancellations that the queue's stale entries are rebuilt away several times."""
+    rng = random.Random(seed)
+    batch = rng.choice([4, 16, 64])
+    queue = BatchQueue(
+        max_batch_size=batch, max_delay_s=0.0, max_queue_size=10_000, on_depth=lambda d: None
+    )
+    reference = _ScanningFairQueue(batch)
+    curve = _FixedCrops()
+    sources = [f"s{i}" for i in range(rng.choice([1, 3, 40, 400]))]
+    queued: list[Job] = []
+    batches = 0
+    for _ in range(3000):
+        action = rng.random()
+        if action < 0.6:
+            job = make_job(rng.randint(1, 4), source=rng.choice(sources))
+            job.eager = rng.random() < 0.3
+            assert queue.admit(job) is None
+            reference.add(job)
+            queued.append(job)
+        elif action < 0.8 and queued:
+            job = queued.pop(rng.randrange(len(queued)))
+            queue.release(job)
+            reference.queue.remove(job)
+        elif queued:
+            curve.crops = rng.choice([None, 1.0, 5.0, 20.0, 100.0])
+            got = take(queue, curve)  # type: ignore[arg-type]
+            assert got == reference.take(curve.crops)
+            assert all(job.state is JobState.RUNNING for job in got)
+            queue.finished(got)
+            taken = set(map(id, got))
+            queued = [job for job in queued if id(job) not in taken]
+            batches += 1
+        assert queue.depth() == len(queued) == len(reference.queue)
+    assert batches > 100
 
 
 def test_admission_counts_the_crops_ahead_not_the_jobs() -> None:
