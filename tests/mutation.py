@@ -289,6 +289,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/bench/test_bench_interrupt.py",),
         "a benchmark stopped by SIGINT writes its partial rows without saying so",
     ),
+    Mutation(
+        "fair_ties_by_name",
+        "service/batching.py",
+        "            heap.append((served[source], head.seq, source))\n",
+        "            heap.append((served[source], 0, source))\n",
+        ("tests/service/test_batch_cost.py::test_batches_are_formed_as_the_fairness_rule_says",),
+        "equally served sources are taken in name order instead of their oldest job's",
+    ),
+    Mutation(
+        "inner_500_plain_text",
+        "service/rest.py",
+        "    app.add_exception_handler(Exception, _unexpected_error)\n",
+        "",
+        (
+            "tests/service/test_rest_errors.py::test_a_bug_in_a_route_gives_a_json_500_with_the_request_id",
+        ),
+        "a bug in a route inside the app answers Starlette's plain-text 500",
+    ),
 )
 
 
