@@ -97,24 +97,24 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "boxes_below_image_accepted",
         "service/validation.py",
-        "(x >= width) | (y >= height) | ",
-        "(x >= width) | ",
+        "x >= width or y >= height or ",
+        "x >= width or ",
         ("tests/service/test_engine.py::test_boxes_outside_the_image_are_refused_on_every_side",),
         "a box below the image (y >= height) is accepted",
     ),
     Mutation(
         "boxes_above_image_accepted",
         "service/validation.py",
-        " | (y + h <= 0)",
-        "",
+        " or y + h <= 0:",
+        ":",
         ("tests/service/test_engine.py::test_boxes_outside_the_image_are_refused_on_every_side",),
         "a box above the image (y + h <= 0) is accepted",
     ),
     Mutation(
         "boxes_right_edge_off_by_one",
         "service/validation.py",
-        "(x >= width)",
-        "(x > width)",
+        "x >= width or",
+        "x > width or",
         ("tests/service/test_engine.py::test_boxes_outside_the_image_are_refused_on_every_side",),
         "a box starting exactly at the right edge is accepted",
     ),
@@ -144,14 +144,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "churn_queue_remove",
         "service/batching.py",
-        "            if job.state is JobState.QUEUED:\n                self._queue.remove(job)\n",
-        "            pass\n",
+        "        jobs = [job for job in self.order if job.state is JobState.QUEUED]\n",
+        "        jobs = list(self.order)\n",
         (
             "tests/service/test_engine_lifecycle.py::"
             "test_every_job_gets_exactly_one_outcome_under_churn",
         ),
-        "a job cancelled while queued stays in the queue and runs (the churn test did not "
-        "assert it)",
+        "a job cancelled while queued is still taken into a batch and runs (the churn test did "
+        "not assert it)",
     ),
     Mutation(
         "queue_expired_jobs_run",
@@ -230,8 +230,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # what the other audit items check
     Mutation(
         "render_draws_no_limbs",
-        "service/render.py",
-        "            draw.line([(xa, ya), (xb, yb)], fill=_side_colour(name), width=line * 2)\n",
+        "service/client/draw.py",
+        "            draw.line([start, end], fill=_side_colour(name), width=line * 2)\n",
         "            pass\n",
         ("tests/service/test_reference_http.py::test_render_draws_the_skeleton",),
         "the rendered image has no skeleton (the test checked the PNG magic only)",
