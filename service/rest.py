@@ -182,6 +182,7 @@ def create_app(
         metrics=metrics,
         metric_paths=API_PATHS,
         served_by=served_by,
+        access_log=settings.access_log,
     )
     auth = [] if require_key is None else [Depends(require_key)]
     errors: dict[int | str, dict[str, Any]] = {

@@ -5,7 +5,8 @@ All are plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``), so the `
 reaches the routes untouched and a route can watch it for the client's disconnect.
 
 - ``RequestContextMiddleware`` (outermost): takes a well-formed ``X-Request-ID`` or makes one,
-  echoes it on the response, writes one structured log line per request (logger ``service.access``),
+  echoes it on the response, writes one structured log line per request (logger ``service.access``;
+  ``Settings.access_log`` turns it off),
   counts pose requests in ``pose_requests_total{transport="http"}``, and is the last resort for an
   unhandled exception (a JSON 500 carrying the request id).
 - ``BodyLimitMiddleware``: refuses a body over the limit by its Content-Length before reading any of
@@ -101,6 +102,7 @@ class RequestContextMiddleware:
         metrics: where request counts and durations go.
         metric_paths: paths counted as pose requests (health checks and scrapes are not).
         served_by: the front-end process's name, sent as ``x-served-by`` (several front ends).
+        access_log: write the access-log line (``Settings.access_log``).
     """
 
     def __init__(
@@ -109,9 +111,11 @@ class RequestContextMiddleware:
         metrics: Metrics,
         metric_paths: Collection[str],
         served_by: str | None = None,
+        access_log: bool = True,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
         self.metric_paths = frozenset(metric_paths)
         self.served_by = served_by
         self._served_by = None if served_by is None else served_by.encode("latin-1")
@@ -157,18 +161,19 @@ class RequestContextMiddleware:
             path = scope.get("path", "")
             if path in self.metric_paths:
                 self.metrics.observe_request("http", status or 500, seconds)
-            client = scope.get("client")
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": scope.get("method", ""),
-                    "path": path,
-                    "status": status or 500,
-                    "duration_ms": round(seconds * 1000.0, 3),
-                    "client": client[0] if client else None,
-                },
-            )
+            if self.access_log:
+                client = scope.get("client")
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": scope.get("method", ""),
+                        "path": path,
+                        "status": status or 500,
+                        "duration_ms": round(seconds * 1000.0, 3),
+                        "client": client[0] if client else None,
+                    },
+                )
 
 
 class BodyLimitMiddleware:

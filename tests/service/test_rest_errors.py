@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -293,3 +294,26 @@ def test_a_bug_in_a_route_gives_a_json_500_with_the_request_id(method: str, path
     error = answer.json()["error"]
     assert error == {"code": "internal", "message": "internal error (request id bug-1)"}
     assert alive.status_code == 200
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_the_access_log_line_can_be_turned_off(
+    access_log: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``access_log`` off: no ``service.access`` line; the request id and metrics stay."""
+    caplog.set_level(logging.INFO, logger="service.access")
+    with (
+        serve(SlowPipeline(), settings=Settings(access_log=access_log)) as live,
+        client(live.url) as http,
+    ):
+        answer = http.post(
+            "/v1/pose",
+            content=IMAGE,
+            headers={"content-type": "image/png", "x-request-id": "quiet-1"},
+        )
+        # The line is written once the answer is sent: the scrape comes after it.
+        text = http.get("/metrics").text
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == "quiet-1"
+    assert 'pose_requests_total{code="200",transport="http"} 1.0' in text
+    lines = [r for r in caplog.records if getattr(r, "request_id", None) == "quiet-1"]
+    assert len(lines) == (1 if access_log else 0)
