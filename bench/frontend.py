@@ -28,11 +28,13 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,9 @@ class Target:
                 self.process.wait(10)
 
 
-def start_target(name: str, log_dir: Path, device: str = "cpu") -> Target:
+def start_target(
+    name: str, log_dir: Path, device: str = "cpu", service_args: Sequence[str] = ()
+) -> Target:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSE_")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     log = log_dir / f"{name}.log"
@@ -121,7 +125,7 @@ def start_target(name: str, log_dir: Path, device: str = "cpu") -> Target:
             sys.executable, "-m", "service", "serve", "--model", "identity",
             "--frontends", name.split("-")[1], "--host", "127.0.0.1",
             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--max-queue-size", "1024", "--device", device,
+            "--max-queue-size", "1024", "--device", device, *service_args,
         ]  # fmt: skip
         modes = MODES
     elif name == "bare-fastapi":
@@ -338,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="gRPC channels per load process, each its own connection (so its own front end)",
     )
+    parser.add_argument(
+        "--service-args",
+        default="",
+        help="more `pose-service serve` flags for the service targets, one string, given with "
+        "'=' (e.g. --service-args=--no-access-log)",
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    service_args = shlex.split(args.service_args)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     env = environment(args.device)
     rows: list[dict[str, Any]] = []
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     stopped: dict[str, Any] = {}
     with rows_so_far(stopped):
         for name in args.targets:
-            target = start_target(name, log_dir, args.device)
+            target = start_target(name, log_dir, args.device, service_args)
             start_up.append(target.start_up())
             print(json.dumps(start_up[-1]), flush=True)
             try:

@@ -21,6 +21,7 @@ from bench import (
     batch_queue,
     decode,
     engine_cycle,
+    frontend,
     frontend_load,
     ipc,
     model,
@@ -204,6 +205,21 @@ def test_batch_queue_bench_smoke(tmp_path: Path) -> None:
     assert "us per batch (median)" in report.render(next(tmp_path.glob("batch_queue-cpu-*.json")))
     with pytest.raises(SystemExit):
         batch_queue.main(["--cases", "8:0:4"])
+
+
+def test_frontend_bench_passes_service_args(tmp_path: Path) -> None:
+    # The real command on the identity model, with one more flag; a flag the command does not
+    # know would stop it before it is ready (and the bench with it).
+    argv = ["--targets", "service-1", "--modes", "http-raw", "--concurrency", "1",
+            "--duration-s", "0.5", "--warmup-s", "0.2", "--service-args=--no-access-log",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert frontend.main(argv) == 0
+    doc = _load_one(tmp_path, "frontend")
+    assert doc["args"]["service_args"] == "--no-access-log"
+    (row,) = doc["results"]
+    assert row["target"] == "service-1" and row["answered"] > 0 and not row["not_ok"]
+    with pytest.raises(RuntimeError, match="exited"):
+        frontend.start_target("service-1", tmp_path, service_args=["--no-such-flag"])
 
 
 def test_frontend_load_refuses_an_unknown_mode() -> None:
