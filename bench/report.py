@@ -41,20 +41,22 @@ def env_line(doc: dict[str, Any]) -> str:
 
 
 def model_tables(doc: dict[str, Any]) -> str:
-    """Crops/s (median ms) per batch size, one row per model x mode x precision x flip."""
+    """Crops/s (median ms) per batch size, one row per model x backend x mode x precision x
+    flip (rows of ``--backends`` runs carry their backend; older rows are PyTorch's)."""
     rows = [r for r in doc["results"] if r.get("status") == "ok"]
     batches = sorted({r["batch"] for r in rows})
-    groups: dict[tuple[str, str, str, bool], dict[int, dict[str, Any]]] = defaultdict(dict)
+    groups: dict[tuple[str, str, str, str, bool], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
-        groups[(r["model"], r["mode"], r["precision"], r["flip"])][r["batch"]] = r
+        key = (r["model"], r.get("backend", "torch"), r["mode"], r["precision"], r["flip"])
+        groups[key][r["batch"]] = r
     out = []
     for key, by_batch in groups.items():
         cells = []
         for b in batches:
             r = by_batch.get(b)
             cells.append(f"{_f(r['crops_per_s'])} ({_f(r['median_ms'])})" if r else "-")
-        out.append([key[0], key[1], key[2], "on" if key[3] else "off", *cells])
-    header = ["model", "mode", "precision", "flip", *[f"B={b}" for b in batches]]
+        out.append([key[0], key[1], key[2], key[3], "on" if key[4] else "off", *cells])
+    header = ["model", "backend", "mode", "precision", "flip", *[f"B={b}" for b in batches]]
     failed = [r for r in doc["results"] if r.get("status") != "ok"]
     text = "crops/s (median ms per call):\n\n" + _table(header, out)
     if failed:

@@ -222,6 +222,19 @@ def test_frontend_bench_passes_service_args(tmp_path: Path) -> None:
         frontend.start_target("service-1", tmp_path, service_args=["--no-such-flag"])
 
 
+def test_the_model_report_keeps_one_row_per_backend() -> None:
+    # (Rows of a --backends run once collapsed into one, the last backend's.)
+    def row(backend: str, crops: float) -> dict[str, Any]:
+        return {"model": "distilpose_s", "backend": backend, "mode": "eager", "precision": "fp32",
+                "flip": False, "batch": 1, "status": "ok", "crops_per_s": crops,
+                "median_ms": 1000.0 / crops}  # fmt: skip
+
+    text = report.model_tables({"results": [row("torch", 30.0), row("openvino", 50.0)]})
+    lines = [line for line in text.splitlines() if line.startswith("| distilpose_s")]
+    assert [line.split(" | ")[1] for line in lines] == ["torch", "openvino"]
+    assert "30.0" in lines[0] and "50.0" in lines[1]
+
+
 def test_frontend_load_refuses_an_unknown_mode() -> None:
     # ("grpc" once ran streams silently: any mode that was not HTTP or "grpc-unary" did.)
     stop = asyncio.Event()
