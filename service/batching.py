@@ -349,12 +349,22 @@ class _Queued:
         self.count, self.work, self.patient, self._stale = 0, 0.0, 0, 0
         return jobs
 
-    def sources(self) -> list[str]:
-        """The sources with live jobs (those without are forgotten)."""
+    def pop_head(self, source: str) -> Job:
+        """Take ``source``'s oldest live job (``head`` found it) off the queue."""
+        job = self.by_source[source].popleft()
+        self.drop(job)
+        return job
+
+    def heads(self) -> dict[str, Job]:
+        """Each source's oldest live job, by source (sources without one are forgotten)."""
+        heads: dict[str, Job] = {}
         for source in list(self.by_source):
-            if self.head(source) is None:
+            head = self.head(source)
+            if head is None:
                 del self.by_source[source]
-        return list(self.by_source)
+            else:
+                heads[source] = head
+        return heads
 
 
 class BatchQueue:
@@ -600,11 +610,7 @@ class BatchQueue:
             self._served_floor = 0.0
             return waiting.take_all()
         served = self._served
-        heap: list[tuple[float, int, str]] = []
-        for source in waiting.sources():
-            head = waiting.head(source)
-            assert head is not None
-            heap.append((served[source], head.seq, source))
+        heap = [(served[source], head.seq, source) for source, head in waiting.heads().items()]
         heapq.heapify(heap)
         taken: list[Job] = []
         work = 0.0
@@ -614,8 +620,7 @@ class BatchQueue:
             assert job is not None
             if taken and crops is not None and work + job.work > crops:
                 break
-            waiting.by_source[source].popleft()
-            waiting.drop(job)
+            waiting.pop_head(source)
             job.state = JobState.RUNNING  # (``next_batch`` settles the expired ones)
             served[source] += job.work
             taken.append(job)
@@ -625,8 +630,7 @@ class BatchQueue:
                 heapq.heappop(heap)
             else:
                 heapq.heapreplace(heap, (served[source], following.seq, source))
-        sources = waiting.sources()
-        self._served = {s: served[s] for s in sources}
+        self._served = {s: served[s] for s in waiting.heads()}
         self._served_floor = min(self._served.values(), default=0.0)
         return taken
 

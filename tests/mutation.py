@@ -292,8 +292,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "fair_ties_by_name",
         "service/batching.py",
-        "            heap.append((served[source], head.seq, source))\n",
-        "            heap.append((served[source], 0, source))\n",
+        "(served[source], head.seq, source) for source, head",
+        "(served[source], 0, source) for source, head",
         ("tests/service/test_batch_cost.py::test_batches_are_formed_as_the_fairness_rule_says",),
         "equally served sources are taken in name order instead of their oldest job's",
     ),
