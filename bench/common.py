@@ -399,13 +399,8 @@ class ResourceSampler:
     @staticmethod
     def _cpu_seconds(pids: list[int]) -> float | None:
         """Summed over ``pids``; None once any of them is gone (the sum would jump)."""
-        total = 0.0
-        for pid in pids:
-            cpu = _proc_cpu_seconds(pid)
-            if cpu is None:
-                return None
-            total += cpu
-        return total
+        seconds = [_proc_cpu_seconds(pid) for pid in pids]
+        return None if None in seconds else sum(s for s in seconds if s is not None)
 
     def _loop(self) -> None:
         last_cpu = {name: self._cpu_seconds(pids) for name, pids in self.pids.items()}

@@ -117,8 +117,7 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.access_log = access_log
         self.metric_paths = frozenset(metric_paths)
-        self.served_by = served_by
-        self._served_by = None if served_by is None else served_by.encode("latin-1")
+        self.served_by = None if served_by is None else served_by.encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,7 +129,7 @@ class RequestContextMiddleware:
         request_id = given if _REQUEST_ID.match(given) else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         status = 0
-        served_by = self._served_by
+        served_by = self.served_by
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
