@@ -64,6 +64,7 @@ from service.rest_middleware import (
     RequestContextMiddleware,
     error_response,
     http_error_response,
+    internal_error_response,
 )
 from service.rest_video import VIDEO_PATH, video_router
 from service.settings import Settings
@@ -505,8 +506,7 @@ async def _engine_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     """The last-resort 500 of ``RequestContextMiddleware``, for a route inside the app."""
-    request_id = getattr(request.state, "request_id", "?")
-    return error_response(500, "internal", f"internal error (request id {request_id})")
+    return internal_error_response(getattr(request.state, "request_id", "?"))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -79,6 +79,12 @@ _HEADERS_OF_CODE: dict[str, dict[str, str]] = {
 }
 
 
+def internal_error_response(request_id: str) -> JSONResponse:
+    """The last-resort 500 of an unhandled exception: its cause stays in the log, under the
+    request id the client is given."""
+    return error_response(500, "internal", f"internal error (request id {request_id})")
+
+
 def http_error_response(exc: EngineError, request_id: str = "?") -> JSONResponse:
     """The HTTP answer of any ``EngineError``: its status from ``service.errors``' table, a
     Retry-After for a refusal that may be retried, and the headers its code needs. A 500 hides
@@ -149,10 +155,7 @@ class RequestContextMiddleware:
         except Exception:
             logger.exception("unhandled error", extra={"request_id": request_id})
             if status == 0:
-                response = error_response(
-                    500, "internal", f"internal error (request id {request_id})"
-                )
-                await response(scope, receive, send_with_id)
+                await internal_error_response(request_id)(scope, receive, send_with_id)
             else:
                 status = 500
         finally:
