@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -40,10 +41,55 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import EngineError
 from service.metrics import Metrics
 
-access_log = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+
+
+class AccessLog:
+    """Writes the ``service.access`` record of each request, for a fraction of ``Logger.info``'s
+    cost.
+
+    ``Logger.info`` walks the stack to find its caller and fills each record with the source
+    file, thread and process names: 10-12 us of the event loop per request, an eighth of a pose
+    request's CPU on the identity model. Every access record comes from the same line on the
+    same thread, so those fields are taken once from a record made the ordinary way, and each
+    request's record copies them and sets what differs (time, message fields; as
+    ``logging.makeLogRecord`` fills a record from a dict). It then goes through
+    ``Logger.handle`` like any record: level, filters, handlers and propagation stay the
+    logger's.
+    """
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._template: dict[str, Any] = {}
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """One INFO record, message ``request``, with ``fields`` as its extra attributes."""
+        log = self._log
+        if not log.isEnabledFor(logging.INFO):
+            return
+        template = self._template
+        if template.get("thread") != threading.get_ident():  # (first record, or a new thread)
+            template = self._template = self._template_record()
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        values = record.__dict__
+        values.update(template)
+        now = time.time()
+        values["created"] = now
+        values["msecs"] = int((now - int(now)) * 1000) + 0.0
+        values["relativeCreated"] = template["relativeCreated"] + (now - template["created"]) * 1e3
+        values.update(fields)
+        log.handle(record)
+
+    def _template_record(self) -> dict[str, Any]:
+        record = self._log.makeRecord(
+            self._log.name, logging.INFO, __file__, 0, "request", (), None, func="write"
+        )
+        values = dict(record.__dict__)
+        if "taskName" in values:  # (Python 3.12+: the task is each request's own)
+            values["taskName"] = None
+        return values
 
 
 def header_of(scope: Scope, name: bytes) -> str | None:
@@ -121,7 +167,7 @@ class RequestContextMiddleware:
     ) -> None:
         self.app = app
         self.metrics = metrics
-        self.access_log = access_log
+        self.access_log = AccessLog(logging.getLogger("service.access")) if access_log else None
         self.metric_paths = frozenset(metric_paths)
         self.served_by = None if served_by is None else served_by.encode("latin-1")
 
@@ -163,18 +209,17 @@ class RequestContextMiddleware:
             path = scope.get("path", "")
             if path in self.metric_paths:
                 self.metrics.observe_request("http", status or 500, seconds)
-            if self.access_log:
+            if self.access_log is not None:
                 client = scope.get("client")
-                access_log.info(
-                    "request",
-                    extra={
+                self.access_log.write(
+                    {
                         "request_id": request_id,
                         "method": scope.get("method", ""),
                         "path": path,
                         "status": status or 500,
                         "duration_ms": round(seconds * 1000.0, 3),
                         "client": client[0] if client else None,
-                    },
+                    }
                 )
 
 

@@ -10,14 +10,17 @@ import asyncio
 import base64
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from service.engine import Engine, EngineConfig
+from service.json_logs import JsonLogFormatter
 from service.metrics import Metrics
 from service.rest import create_app
+from service.rest_middleware import AccessLog
 from service.settings import Settings
 from service.uploads import decode_image
 from tests.service.rest_support import (
@@ -317,3 +320,40 @@ def test_the_access_log_line_can_be_turned_off(
     assert 'pose_requests_total{code="200",transport="http"} 1.0' in text
     lines = [r for r in caplog.records if getattr(r, "request_id", None) == "quiet-1"]
     assert len(lines) == (1 if access_log else 0)
+
+
+def test_access_records_are_the_records_logger_info_would_make(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``AccessLog`` builds its records from a template: each still carries its own time and
+    fields, the thread that wrote it, and the logger's level still decides."""
+    log = logging.getLogger("service.access.template-test")
+    caplog.set_level(logging.INFO, logger=log.name)
+    writer = AccessLog(log)
+    t0 = time.time()
+    writer.write({"status": 200, "path": "/v1/pose"})
+    time.sleep(0.01)
+    other = threading.Thread(target=writer.write, args=({"status": 404},), name="other-loop")
+    other.start()
+    other.join()
+    writer.write({"status": 201})
+    log.setLevel(logging.WARNING)
+    writer.write({"status": 202})  # below the logger's level: no record
+    first, from_other, third = [r for r in caplog.records if r.name == log.name]
+    assert first.getMessage() == "request" and first.levelname == "INFO"
+    assert t0 <= first.created <= third.created <= time.time()
+    assert first.msecs == int((first.created - int(first.created)) * 1000)
+    assert third.relativeCreated - first.relativeCreated == pytest.approx(
+        (third.created - first.created) * 1000.0, abs=0.01
+    )
+    assert (first.status, first.path, third.status, from_other.status) == (
+        200,
+        "/v1/pose",
+        201,
+        404,
+    )
+    assert not hasattr(third, "path")  # one request's fields never reach the next record
+    assert first.thread == third.thread == threading.get_ident()
+    assert (from_other.thread, from_other.threadName) == (other.ident, "other-loop")
+    line = JsonLogFormatter().format(first)
+    assert '"msg":"request"' in line and '"status":200' in line and '"path":"/v1/pose"' in line
