@@ -329,10 +329,40 @@ def batch_queue_tables(doc: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def http_app_tables(doc: dict[str, Any]) -> str:
+    """``bench.http_app``: the HTTP app's CPU per pose request, in process, by target."""
+    bare = next((r for r in doc["results"] if r["target"] == "bare"), None)
+    rows = [
+        [
+            r["target"],
+            str(r["concurrency"]),
+            str(r["rounds"]),
+            _f(r["cpu_ms_per_request_median"], 4),
+            " / ".join(_f(v, 4) for v in r["cpu_ms_per_request"]),
+            "-"
+            if bare is None
+            else _f(r["cpu_ms_per_request_median"] / bare["cpu_ms_per_request_median"], 2),
+            _f(r["requests_per_s_median"], 0),
+        ]
+        for r in doc["results"]
+    ]
+    header = [
+        "target",
+        "C",
+        "rounds",
+        "CPU ms/req (median)",
+        "each round",
+        "ratio to bare",
+        "req/s",
+    ]
+    return _table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "batch_queue": batch_queue_tables,
     "engine_cycle": engine_cycle_tables,
     "frontend": frontend_tables,
+    "http_app": http_app_tables,
     "ipc": ipc_tables,
     "model": model_tables,
     "decode": decode_tables,
