@@ -51,13 +51,13 @@ class AccessLog:
     cost.
 
     ``Logger.info`` walks the stack to find its caller and fills each record with the source
-    file, thread and process names: 10-12 us of the event loop per request, an eighth of a pose
-    request's CPU on the identity model. Every access record comes from the same line on the
-    same thread, so those fields are taken once from a record made the ordinary way, and each
-    request's record copies them and sets what differs (time, message fields; as
-    ``logging.makeLogRecord`` fills a record from a dict). It then goes through
-    ``Logger.handle`` like any record: level, filters, handlers and propagation stay the
-    logger's.
+    file, thread and process names. Every access record comes from the same line on the same
+    thread, so those fields are taken once from a record made the ordinary way (through the
+    record factory, if one is set), and each request's record copies them and sets what differs
+    (time, message fields; as ``logging.makeLogRecord`` fills a record from a dict). It then goes
+    through ``Logger.handle`` like any record: level, filters, handlers and propagation stay the
+    logger's. The access line then costs 15.1 us of the event loop per pose request instead of
+    23.6 (``bench.http_app``, identity model; 145 us a request in all).
     """
 
     def __init__(self, log: logging.Logger) -> None:
