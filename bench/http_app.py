@@ -8,7 +8,8 @@ same for both and the load generator shares the cores: its ratios move by 10 % b
 2 cores. This leaves those out, so that one change to the app can be measured to a few per cent:
 rounds alternate between the targets and the median is kept. The request is ``bench.frontend``'s
 HTTP raw one (a 64x48 JPEG, three boxes in the query); CPU is the process's (``/proc``, all its
-threads) per answered request.
+threads) per answered request. ``--modes raw json`` sends the image as the body (boxes in the
+query) or as base64 in a JSON body, as ``bench.frontend``'s ``http-raw`` and ``http-json`` do.
 
     python -m bench.http_app
     python -m bench.http_app --targets service service-quiet --rounds 5 --requests 30000
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import statistics
@@ -38,12 +40,18 @@ from service.settings import Settings
 
 # service: the defaults (access log on); service-quiet: access log off; bare: bench.bare_servers.
 TARGETS = ("service", "service-quiet", "bare")
+MODES = ("raw", "json")
 
 
-def _request(client_port: int) -> tuple[dict[str, Any], bytes]:
-    body = tiny_jpeg()
-    query = "boxes=" + json.dumps(BOXES, separators=(",", ":"))
-    query = query.replace("[", "%5B").replace("]", "%5D").replace(",", "%2C")
+def _request(mode: str, client_port: int) -> tuple[dict[str, Any], bytes]:
+    image = tiny_jpeg()
+    if mode == "raw":
+        body, kind = image, b"image/jpeg"
+        query = "boxes=" + json.dumps(BOXES, separators=(",", ":"))
+        query = query.replace("[", "%5B").replace("]", "%5D").replace(",", "%2C")
+    else:
+        body = json.dumps({"image": base64.b64encode(image).decode(), "boxes": BOXES}).encode()
+        kind, query = b"application/json", ""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -56,7 +64,7 @@ def _request(client_port: int) -> tuple[dict[str, Any], bytes]:
         "root_path": "",
         "headers": [
             (b"host", b"127.0.0.1:8000"),
-            (b"content-type", b"image/jpeg"),
+            (b"content-type", kind),
             (b"content-length", str(len(body)).encode()),
         ],
         "client": ("127.0.0.1", client_port),
@@ -92,7 +100,7 @@ async def _call(app: Any, scope: dict[str, Any], body: bytes) -> int:
     return status
 
 
-async def _measure(target: str, concurrency: int, requests: int) -> dict[str, Any]:
+async def _measure(target: str, mode: str, concurrency: int, requests: int) -> dict[str, Any]:
     settings = Settings(
         model="identity", device="cpu", max_queue_size=1024, access_log=target == "service"
     )
@@ -106,7 +114,7 @@ async def _measure(target: str, concurrency: int, requests: int) -> dict[str, An
         statuses: dict[int, int] = {}
 
         async def caller(index: int, count: int) -> None:
-            scope, body = _request(40000 + index)
+            scope, body = _request(mode, 40000 + index)
             for _ in range(count):
                 status = await _call(app, scope, body)
                 statuses[status] = statuses.get(status, 0) + 1
@@ -127,6 +135,7 @@ async def _measure(target: str, concurrency: int, requests: int) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.http_app", description=__doc__)
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["raw"])
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=20000, help="per round and target")
     parser.add_argument("--rounds", type=int, default=3)
@@ -141,24 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         saved = root.handlers, root.level
         root.handlers, root.level = [handler], logging.INFO
         try:
-            measured: dict[str, list[dict[str, Any]]] = {t: [] for t in args.targets}
+            cases = [(t, m) for m in args.modes for t in args.targets]
+            measured: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
             for round_ in range(args.rounds):
-                for target in args.targets:
-                    row = serving.run(_measure(target, args.concurrency, args.requests))
-                    measured[target].append(row)
+                for target, mode in cases:
+                    row = serving.run(_measure(target, mode, args.concurrency, args.requests))
+                    measured[target, mode].append(row)
                     print(
-                        f"round {round_ + 1} {target:13s} {row['cpu_ms_per_request']:.4f} ms "
-                        f"CPU per request, {row['requests_per_s']:,.0f} requests/s",
+                        f"round {round_ + 1} {target:13s} {mode:4s} "
+                        f"{row['cpu_ms_per_request']:.4f} ms CPU per request, "
+                        f"{row['requests_per_s']:,.0f} requests/s",
                         flush=True,
                     )
         finally:
             root.handlers, root.level = saved
     rows = []
-    for target, runs in measured.items():
+    for (target, mode), runs in measured.items():
         cpu = [r["cpu_ms_per_request"] for r in runs]
         rows.append(
             {
                 "target": target,
+                "mode": mode,
                 "concurrency": args.concurrency,
                 "rounds": len(runs),
                 "cpu_ms_per_request_median": statistics.median(cpu),
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 "requests_per_s_median": statistics.median(r["requests_per_s"] for r in runs),
             }
         )
-        print(f"{target:13s} median {statistics.median(cpu):.4f} ms CPU per request")
+        print(f"{target:13s} {mode:4s} median {statistics.median(cpu):.4f} ms CPU per request")
     path = write_result("http_app", "cpu", args, rows, out_dir=args.out_dir, env=env)
     print(f"wrote {path}")
     return 0

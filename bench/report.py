@@ -330,31 +330,29 @@ def batch_queue_tables(doc: dict[str, Any]) -> str:
 
 
 def http_app_tables(doc: dict[str, Any]) -> str:
-    """``bench.http_app``: the HTTP app's CPU per pose request, in process, by target."""
-    bare = next((r for r in doc["results"] if r["target"] == "bare"), None)
-    rows = [
-        [
-            r["target"],
-            str(r["concurrency"]),
-            str(r["rounds"]),
-            _f(r["cpu_ms_per_request_median"], 4),
-            " / ".join(_f(v, 4) for v in r["cpu_ms_per_request"]),
-            "-"
-            if bare is None
-            else _f(r["cpu_ms_per_request_median"] / bare["cpu_ms_per_request_median"], 2),
-            _f(r["requests_per_s_median"], 0),
-        ]
-        for r in doc["results"]
-    ]
+    """``bench.http_app``: the HTTP app's CPU per pose request, in process, by target and mode."""
+    bare = {r.get("mode", "raw"): r for r in doc["results"] if r["target"] == "bare"}
+    rows = []
+    for r in doc["results"]:
+        mode = r.get("mode", "raw")  # (files written before --modes: raw)
+        base = bare.get(mode)
+        ratio = r["cpu_ms_per_request_median"] / base["cpu_ms_per_request_median"] if base else None
+        rows.append(
+            [
+                r["target"],
+                mode,
+                str(r["concurrency"]),
+                str(r["rounds"]),
+                _f(r["cpu_ms_per_request_median"], 4),
+                " / ".join(_f(v, 4) for v in r["cpu_ms_per_request"]),
+                "-" if ratio is None else _f(ratio, 2),
+                _f(r["requests_per_s_median"], 0),
+            ]
+        )
     header = [
-        "target",
-        "C",
-        "rounds",
-        "CPU ms/req (median)",
-        "each round",
-        "ratio to bare",
+        "target", "mode", "C", "rounds", "CPU ms/req (median)", "each round", "ratio to bare",
         "req/s",
-    ]
+    ]  # fmt: skip
     return _table(header, rows)
 
 

@@ -288,9 +288,13 @@ async def test_serve_bench_smoke(tmp_path: Path) -> None:
 
 
 def test_http_app_bench_smoke(tmp_path: Path) -> None:
-    argv = ["--requests", "64", "--rounds", "1", "--concurrency", "4", "--out-dir", str(tmp_path)]
-    assert http_app.main(argv) == 0
+    argv = ["--requests", "64", "--rounds", "1", "--concurrency", "4", "--modes", "raw", "json"]
+    assert http_app.main([*argv, "--out-dir", str(tmp_path)]) == 0
     doc = _load_one(tmp_path, "http_app")
-    assert [r["target"] for r in doc["results"]] == ["service", "service-quiet", "bare"]
+    assert [(r["target"], r["mode"]) for r in doc["results"]] == [
+        (target, mode)
+        for mode in ("raw", "json")
+        for target in ("service", "service-quiet", "bare")
+    ]
     assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
     assert "ratio to bare" in report.render(next(tmp_path.glob("http_app-cpu-*.json")))
