@@ -356,10 +356,27 @@ def http_app_tables(doc: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def gc_pause_tables(doc: dict[str, Any]) -> str:
+    """``bench.gc_pause``: a full collection's pause in a serving process, before and after the
+    start-up heap is frozen."""
+    rows = [
+        [
+            r["model"],
+            f"{r['objects_tracked']:,}",
+            " / ".join(_f(v, 1) for v in r["full_collection_ms"]),
+            " / ".join(_f(v, 2) for v in r["full_collection_ms_frozen"]),
+        ]
+        for r in doc["results"]
+    ]
+    header = ["model", "objects tracked", "full collection ms", "after freezing, ms"]
+    return _table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "batch_queue": batch_queue_tables,
     "engine_cycle": engine_cycle_tables,
     "frontend": frontend_tables,
+    "gc_pause": gc_pause_tables,
     "http_app": http_app_tables,
     "ipc": ipc_tables,
     "model": model_tables,

@@ -330,6 +330,7 @@ async def _run_engine(settings: Settings, address: str, parent_pid: int) -> int:
         metrics.publish_model(engine.model_info())
         server.publish_state()
         logger.info("engine ready", extra={"model": engine.model_info().to_dict()})
+        serving.freeze_startup_heap()
         await stopped
     elif start.done():
         logger.error("the model failed to load", exc_info=start.exception())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -89,6 +90,20 @@ class _Server(uvicorn.Server):
         # the event loop with the gRPC server still up; ``run_servers`` stops both instead.
         with contextlib.suppress(SystemExit):
             await super().serve(sockets)
+
+
+def freeze_startup_heap() -> None:
+    """Take what start-up made (modules, the model, the app) out of the garbage collector's
+    walks, once the process is ready.
+
+    A full collection walks every tracked object, with the event loop stopped: in a serving
+    process with DistilPose-S that is about 410,000 objects and 120-180 ms during which every
+    request waits (``python -m bench.gc_pause``). Frozen, they are never walked again; what
+    requests make is collected as before. Garbage is collected first, so that none of it is kept
+    for good. (vLLM freezes its start-up heap the same way.)
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def run_servers(
@@ -179,6 +194,7 @@ async def run_servers(
     if start_task.done() and start_task.exception() is None:
         await grpc_server.set_serving(True)
         logger.info("ready", extra={"model": engine.model_info().to_dict()})
+        freeze_startup_heap()
         await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
     elif start_task.done():
         logger.error("the model failed to load", exc_info=start_task.exception())

@@ -23,6 +23,7 @@ from bench import (
     engine_cycle,
     frontend,
     frontend_load,
+    gc_pause,
     http_app,
     ipc,
     model,
@@ -298,3 +299,10 @@ def test_http_app_bench_smoke(tmp_path: Path) -> None:
     ]
     assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
     assert "ratio to bare" in report.render(next(tmp_path.glob("http_app-cpu-*.json")))
+
+
+def test_gc_pause_bench_smoke(tmp_path: Path) -> None:
+    assert gc_pause.main(["--models", "identity", "--out-dir", str(tmp_path)]) == 0
+    (row,) = _load_one(tmp_path, "gc_pause")["results"]
+    assert row["objects_frozen"] > 0 and len(row["full_collection_ms_frozen"]) == 3
+    assert "after freezing" in report.render(next(tmp_path.glob("gc_pause-cpu-*.json")))

@@ -4,10 +4,12 @@ and ``serve`` (one event loop; readiness and gRPC health through warm-up and dra
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import threading
 import types
+import weakref
 from pathlib import Path
 
 import grpc
@@ -377,6 +379,7 @@ async def test_serve_runs_http_and_grpc_on_one_loop_and_drains(
 
         await wait_until(ready)
         assert await grpc_status() == serving
+        assert gc.get_freeze_count() > 0  # the start-up heap, out of the collector's walks
 
         headers = {"content-type": "image/png"}
         in_flight = asyncio.create_task(http.post("/pose", content=png(), headers=headers))
@@ -476,3 +479,21 @@ def test_pose_service_serve_end_to_end_with_sigterm(
     assert "serving %s" not in messages and any(m.startswith("serving ") for m in messages)
     assert messages.index("ready") < messages.index("draining") < messages.index("stopped")
     assert any(e["msg"] == "request" and e.get("path") == "/pose" for e in lines)
+
+
+def test_the_startup_heap_is_frozen_without_its_garbage() -> None:
+    """``freeze_startup_heap`` collects first: garbage of start-up is freed, not kept for good."""
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.self = garbage  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        serving.freeze_startup_heap()
+        assert gone() is None
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
