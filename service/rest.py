@@ -319,7 +319,6 @@ class _PoseApi:
         self.engine = engine
         self.settings = settings
         self._model_info: dict[str, Any] | None = None
-        self._answer_info: dict[str, orjson.Fragment] | None = None
 
     async def run(self, request: Request, jobs: Sequence[PoseRequest]) -> list[PoseResponse]:
         """Every job as its own engine job; a client disconnect cancels the pending ones."""
@@ -333,19 +332,6 @@ class _PoseApi:
         if self._model_info is None:
             self._model_info = _jsonable(self.engine.model_info().to_dict())
         return self._model_info
-
-    def _answer_model_info(self) -> dict[str, orjson.Fragment]:
-        """An answer's ``keypoint_names``, ``skeleton`` and ``model``, as JSON encoded once (they
-        are the same in every answer: encoding them again cost 5 us of each)."""
-        if self._answer_info is None:
-            info = self.model_info()
-            model = {k: v for k, v in info.items() if k not in ("keypoint_names", "skeleton")}
-            self._answer_info = {
-                "keypoint_names": orjson.Fragment(orjson.dumps(info["keypoint_names"])),
-                "skeleton": orjson.Fragment(orjson.dumps(info["skeleton"])),
-                "model": orjson.Fragment(orjson.dumps(model)),
-            }
-        return self._answer_info
 
     def server_info(self) -> dict[str, Any]:
         """Defaults and limits a client may want to know."""
@@ -374,7 +360,12 @@ class _PoseApi:
             "image": {"width": response.result.width, "height": response.result.height},
         }
         if model_info:
-            answer.update(self._answer_model_info())
+            info = self.model_info()
+            answer["keypoint_names"] = info["keypoint_names"]
+            answer["skeleton"] = info["skeleton"]
+            answer["model"] = {
+                k: v for k, v in info.items() if k not in ("keypoint_names", "skeleton")
+            }
         answer["timing_ms"] = timing
         return answer
 
