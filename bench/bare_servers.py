@@ -8,6 +8,8 @@ metrics, no logs).
   answers each box as a person with 17 zero keypoints, as the identity model does.
 - ``python -m bench.bare_servers grpc PORT``: a ``grpc.aio`` servicer of ``pose.v1.PoseService``
   doing the same for ``Estimate`` and ``StreamEstimate``.
+- ``python -m bench.bare_servers litserve PORT``: the same JSON route served by LitServe, with its
+  dynamic batching (``bench.bare_litserve``).
 """
 
 from __future__ import annotations
@@ -96,7 +98,11 @@ def main(argv: list[str]) -> None:
     kind, port = argv[0], int(argv[1])
     from service.serving import run
 
-    if kind == "http":
+    if kind == "litserve":
+        from bench.bare_litserve import serve
+
+        serve(port)
+    elif kind == "http":
         import uvicorn
 
         config = uvicorn.Config(

@@ -1,5 +1,7 @@
 """What one request costs the serving path: ``pose-service serve --model identity`` with 1 and 2
-front ends against a bare FastAPI route and a bare ``grpc.aio`` servicer (``bench.bare_servers``).
+front ends against a bare FastAPI route and a bare ``grpc.aio`` servicer (``bench.bare_servers``),
+and LitServe batching the same route (JSON only; the target runs where ``litserve`` is installed,
+as the dev extras install it).
 
 The identity model computes nothing (caller boxes back as persons), so every CPU second the
 server spends is plumbing: HTTP or gRPC parsing, decoding a 64x48 JPEG, validation, IPC to the
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -53,7 +57,13 @@ from bench.common import (
 from bench.frontend_load import MODES, generate
 from bench.servers import free_port
 
-TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc")  # service-N: any N >= 1
+TARGETS = ("service-1", "service-2", "bare-fastapi", "bare-grpc", "litserve")  # service-N: N >= 1
+
+
+def default_targets() -> list[str]:
+    """Every target, LitServe only where it is installed (a dev extra)."""
+    installed = importlib.util.find_spec("litserve") is not None
+    return [t for t in TARGETS if t != "litserve" or installed]
 
 
 def target_name(value: str) -> str:
@@ -77,6 +87,7 @@ class Target:
     log: Path
     engine_pid: int | None = None
     modes: tuple[str, ...] = field(default=MODES)
+    ready_path: str = "/readyz"
     ready_s: float = 0.0  # from the command's start to ready (every front end, for the service)
 
     def tree_pids(self) -> list[int]:
@@ -102,6 +113,9 @@ class Target:
         }
 
     def stop(self) -> None:
+        """SIGTERM, then whatever of the tree outlived its root (LitServe's API server and
+        worker do) is terminated too: nothing of a target survives into the next one's run."""
+        tree = self.tree_pids()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -109,6 +123,26 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        survivors = [pid for pid in tree if pid != self.process.pid and _alive(pid)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in survivors:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 10
+            while survivors and time.monotonic() < deadline:
+                time.sleep(0.05)
+                survivors = [pid for pid in survivors if _alive(pid)]
+            if not survivors:
+                return
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (not a zombie: a reaped-later child counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def start_target(
@@ -134,6 +168,9 @@ def start_target(
     elif name == "bare-grpc":
         command = [sys.executable, "-m", "bench.bare_servers", "grpc", str(grpc_port)]
         http_port, modes = None, ("grpc-unary", "grpc-stream")
+    elif name == "litserve":
+        command = [sys.executable, "-m", "bench.bare_servers", "litserve", str(http_port)]
+        grpc_port, modes = None, ("http-json",)
     else:
         raise ValueError(f"unknown target {name}")
     t0 = time.monotonic()
@@ -141,7 +178,8 @@ def start_target(
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    target = Target(name, process, http_port, grpc_port, log, modes=modes)
+    ready_path = "/health" if name == "litserve" else "/readyz"
+    target = Target(name, process, http_port, grpc_port, log, modes=modes, ready_path=ready_path)
     _wait_ready(target)
     target.ready_s = time.monotonic() - t0
     if name.startswith("service-") and name != "service-1":
@@ -159,7 +197,7 @@ def _wait_ready(target: Target, timeout_s: float = 120.0) -> None:
             raise RuntimeError(f"{target.name} exited:\n{target.log.read_text()[-3000:]}")
         try:
             if target.http_port is not None:
-                url = f"http://127.0.0.1:{target.http_port}/readyz"
+                url = f"http://127.0.0.1:{target.http_port}{target.ready_path}"
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
             else:
@@ -322,7 +360,13 @@ async def run_level(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), type=target_name)
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=default_targets(),
+        type=target_name,
+        help="default: all (litserve where it is installed)",
+    )
     parser.add_argument("--device", default="cpu", help="the service's device (POSE_DEVICE)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])

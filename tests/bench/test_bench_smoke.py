@@ -224,6 +224,24 @@ def test_frontend_bench_passes_service_args(tmp_path: Path) -> None:
         frontend.start_target("service-1", tmp_path, service_args=["--no-such-flag"])
 
 
+# LitServe starts three processes (API server, worker, its queues' manager): about 5 s here.
+@pytest.mark.timeout(120)
+def test_frontend_bench_runs_litserve_and_leaves_no_process(tmp_path: Path) -> None:
+    # LitServe is a dev extra, so a default run includes it; its API server and worker outlive
+    # a SIGTERM to their parent, and once did into the next target's run.
+    assert "litserve" in frontend.default_targets()
+    target = frontend.start_target("litserve", tmp_path)
+    tree = target.tree_pids()
+    try:
+        assert len(tree) >= 3 and target.modes == ("http-json",)
+        row = asyncio.run(frontend.run_level(target, "http-json", 2, 0.5, 0.3, 1))
+    finally:
+        target.stop()
+    assert row["answered"] > 0 and not row["not_ok"], row
+    assert row["processes"] == len(tree) and row["server_cpu_ms_per_request"] > 0
+    assert not [pid for pid in tree if frontend._alive(pid)]
+
+
 def test_the_model_report_keeps_one_row_per_backend() -> None:
     # (Rows of a --backends run once collapsed into one, the last backend's.)
     def row(backend: str, crops: float) -> dict[str, Any]:
