@@ -59,9 +59,8 @@ def http_app() -> Any:
     return app
 
 
-async def serve_grpc(port: int) -> None:
-    import grpc
-
+def grpc_servicer() -> Any:
+    """The bare ``pose.v1.PoseService`` servicer (``bench.grpc_app`` calls it in process)."""
     from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
 
     def answer(request: Any) -> Any:
@@ -87,8 +86,16 @@ async def serve_grpc(port: int) -> None:
             async for request in requests:
                 yield answer(request)
 
+    return Servicer()
+
+
+async def serve_grpc(port: int) -> None:
+    import grpc
+
+    from service.pb.pose.v1 import pose_pb2_grpc
+
     server = grpc.aio.server()
-    pose_pb2_grpc.add_PoseServiceServicer_to_server(Servicer(), server)
+    pose_pb2_grpc.add_PoseServiceServicer_to_server(grpc_servicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()

@@ -330,7 +330,8 @@ def batch_queue_tables(doc: dict[str, Any]) -> str:
 
 
 def http_app_tables(doc: dict[str, Any]) -> str:
-    """``bench.http_app``: the HTTP app's CPU per pose request, in process, by target and mode."""
+    """``bench.http_app`` and ``bench.grpc_app``: the app's (the servicer's) CPU per pose request,
+    in process, by target and mode, and its ratio to the bare one of the same mode."""
     bare = {r.get("mode", "raw"): r for r in doc["results"] if r["target"] == "bare"}
     rows = []
     for r in doc["results"]:
@@ -378,6 +379,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "frontend": frontend_tables,
     "gc_pause": gc_pause_tables,
     "http_app": http_app_tables,
+    "grpc_app": http_app_tables,
     "ipc": ipc_tables,
     "model": model_tables,
     "decode": decode_tables,

@@ -24,6 +24,7 @@ from bench import (
     frontend,
     frontend_load,
     gc_pause,
+    grpc_app,
     http_app,
     ipc,
     model,
@@ -317,6 +318,20 @@ def test_http_app_bench_smoke(tmp_path: Path) -> None:
     ]
     assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
     assert "ratio to bare" in report.render(next(tmp_path.glob("http_app-cpu-*.json")))
+
+
+def test_grpc_app_bench_smoke(tmp_path: Path) -> None:
+    # (Each call's answer is checked by the bench itself: three persons, no error.)
+    argv = ["--requests", "64", "--rounds", "1", "--concurrency", "4", "--window", "4"]
+    assert grpc_app.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    doc = _load_one(tmp_path, "grpc_app")
+    assert [(r["target"], r["mode"]) for r in doc["results"]] == [
+        (target, mode)
+        for mode in ("unary", "stream")
+        for target in ("service", "service-inline", "bare")
+    ]
+    assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
+    assert "ratio to bare" in report.render(next(tmp_path.glob("grpc_app-cpu-*.json")))
 
 
 def test_gc_pause_bench_smoke(tmp_path: Path) -> None:
