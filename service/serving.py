@@ -147,6 +147,9 @@ async def run_servers(
             limit_concurrency=settings.http_max_connections,
             timeout_keep_alive=settings.http_keepalive_timeout_s,
             h11_max_incomplete_event_size=settings.http_max_header_bytes,
+            # No WebSockets: the API has none, and uvicorn would otherwise take an upgrade
+            # request through whichever WebSocket library happens to be installed.
+            ws="none",
         )
     )
     # Imported here, not at the top: grpc's C core reads GRPC_VERBOSITY when grpc is first

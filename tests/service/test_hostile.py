@@ -173,6 +173,24 @@ async def test_a_client_that_goes_away_is_499_not_500(caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_websocket_upgrade_is_answered_as_plain_http(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The API has no WebSocket. With a WebSocket library installed (the dev extras bring one)
+    # uvicorn would otherwise hand the upgrade to it, past the app's middleware (a 403 from
+    # Starlette, no request id, no access line), unlike a deployment without one.
+    async with running(caplog) as s:
+        reader, writer = await raw(s.http_port)
+        writer.write(
+            b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200"), head[:80]
+        assert b"x-request-id" in head.lower()  # through the app's middleware, as any request
+
+
 async def test_slow_bodies_time_out_and_idle_connections_close(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
