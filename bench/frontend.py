@@ -21,6 +21,10 @@ ends) and ``--grpc-channels K`` opens K channels in each, each its own connectio
 SO_REUSEPORT spreads over the front ends. On this project's 2-core machine the defaults (1 and 1)
 keep the load generator off the server's cores; the GPU check uses 4 and 4.
 
+``--models identity distilpose_s --weights W --precision bf16`` runs the service targets once per
+model (the baselines once): on a GPU, the identity model shows the plumbing's ceiling and a real
+model where the device stops requests/s from growing with front ends (``bench/gpu_check.sh``).
+
     python -m bench.frontend --duration-s 6 --concurrency 1 16 64
 """
 
@@ -146,17 +150,24 @@ def _alive(pid: int) -> bool:
 
 
 def start_target(
-    name: str, log_dir: Path, device: str = "cpu", service_args: Sequence[str] = ()
+    name: str,
+    log_dir: Path,
+    device: str = "cpu",
+    service_args: Sequence[str] = (),
+    model_args: Sequence[str] = ("--model", "identity"),
 ) -> Target:
+    """Start one target and wait until it is ready. A service target serves the model of
+    ``model_args`` (``pose-service serve`` flags: ``--model``, and ``--weights``/``--precision``
+    for a real one); ``service_args`` come last, so they win."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSE_")}
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    log = log_dir / f"{name}.log"
+    log = log_dir / f"{name}-{len(list(log_dir.glob(f'{name}*.log')))}.log"
     http_port: int | None = free_port()
     grpc_port: int | None = free_port()
     modes: tuple[str, ...]
     if name.startswith("service-"):
         command = [
-            sys.executable, "-m", "service", "serve", "--model", "identity",
+            sys.executable, "-m", "service", "serve", *model_args,
             "--frontends", name.split("-")[1], "--host", "127.0.0.1",
             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
             "--max-queue-size", "1024", "--device", device, *service_args,
@@ -368,6 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         help="default: all (litserve where it is installed)",
     )
     parser.add_argument("--device", default="cpu", help="the service's device (POSE_DEVICE)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["identity"],
+        help="the service targets run once per model (the baselines once): identity measures "
+        "the plumbing, a real model (e.g. distilpose_s, with --weights) the device's limit too",
+    )
+    parser.add_argument("--weights", help="the weights of the real models (pose-service serve)")
+    parser.add_argument("--precision", help="their precision, e.g. bf16 (pose-service serve)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--duration-s", type=float, default=6.0)
@@ -400,10 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     start_up: list[dict[str, Any]] = []
     stopped: dict[str, Any] = {}
+    runs = [
+        (name, model)
+        for model in args.models
+        for name in args.targets
+        if name.startswith("service-") or model == args.models[0]
+    ]
     with rows_so_far(stopped):
-        for name in args.targets:
-            target = start_target(name, log_dir, args.device, service_args)
-            start_up.append(target.start_up())
+        for name, model in runs:
+            service = name.startswith("service-")
+            model_args = ["--model", model]
+            if model != "identity":
+                model_args += ["--weights", args.weights] if args.weights else []
+                model_args += ["--precision", args.precision] if args.precision else []
+            target = start_target(name, log_dir, args.device, service_args, model_args)
+            start_up.append({**target.start_up(), "model": model if service else None})
             print(json.dumps(start_up[-1]), flush=True)
             try:
                 for mode in [m for m in args.modes if m in target.modes]:
@@ -420,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.grpc_channels,
                             )
                         )
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        rows.append({**row, "model": model if service else None})
+                        print(json.dumps(rows[-1]), flush=True)
             finally:
                 target.stop()
     path = write_result(

@@ -237,6 +237,7 @@ def frontend_tables(doc: dict[str, Any]) -> str:
     rows = [
         [
             r["target"],
+            _model_of(r),
             r["mode"],
             str(r["concurrency"]),
             _f(r["server_cpu_ms_per_request"], 3) if r["server_cpu_ms_per_request"] else "-",
@@ -247,14 +248,15 @@ def frontend_tables(doc: dict[str, Any]) -> str:
         ]
         for r in doc["results"]
     ]
-    header = ["target", "mode", "C", "server CPU ms/req", "engine ms/req", "in kernel", "req/s"]
-    header.append("not ok")
+    header = ["target", "model", "mode", "C", "server CPU ms/req", "engine ms/req", "in kernel"]
+    header += ["req/s", "not ok"]
     text = _table(header, rows)
     start_up = doc.get("start_up")
     if start_up:
         rows = [
             [
                 s["target"],
+                _model_of(s),
                 _f(s["ready_s"], 1),
                 str(len(s["processes"])),
                 _f(s["pss_mb"], 0),
@@ -262,9 +264,17 @@ def frontend_tables(doc: dict[str, Any]) -> str:
             ]
             for s in start_up
         ]
-        header = ["target", "ready s", "processes", "PSS MB", "RSS MB per process"]
+        header = ["target", "model", "ready s", "processes", "PSS MB", "RSS MB per process"]
         text += "\n\nStart-up:\n\n" + _table(header, rows)
     return text
+
+
+def _model_of(row: dict[str, Any]) -> str:
+    """The model a ``bench.frontend`` row's service served (files before ``--models``: the
+    identity model); "-" for a baseline."""
+    if not row["target"].startswith("service-"):
+        return "-"
+    return str(row.get("model") or "identity")
 
 
 def ipc_tables(doc: dict[str, Any]) -> str:

@@ -92,10 +92,14 @@ def test_dry_run_runs_every_step_and_writes_what_comes_back(tmp_path: Path) -> N
     identity = json.loads((out / "serve_identity.json").read_text())
     assert all(r["ok"] > 0 for r in identity["results"])  # it answers at once
     # Both front ends' rows come from two load processes (gRPC: two channels each), every one
-    # answered, none refused.
+    # answered, none refused; on the identity model and on DistilPose-S in bf16 (the recipe
+    # weights of the weights step).
     frontends = json.loads((out / "frontends.json").read_text())["results"]
-    assert {(r["target"], r["mode"]) for r in frontends} == {
-        (t, m) for t in ("service-1", "service-2") for m in ("http-raw", "grpc-unary")
+    assert {(r["target"], r["model"], r["mode"]) for r in frontends} == {
+        (t, model, m)
+        for t in ("service-1", "service-2")
+        for model in ("identity", "distilpose_s")
+        for m in ("http-raw", "grpc-unary")
     }
     assert all(r["load_processes"] == 2 and r["answered"] > 0 for r in frontends), frontends
     assert all(not r["not_ok"] for r in frontends), frontends
