@@ -331,7 +331,7 @@ else
   # which SO_REUSEPORT spreads over the front ends (a channel sticks to one)
   FRONTENDS=(--targets service-1 service-2 service-4 service-8 --modes http-raw grpc-unary
     --concurrency 64 256 --duration-s 3 --warmup-s 1 --load-processes 4 --grpc-channels 4
-    --service-args=--calibration-budget-s=3)
+    "--service-args=--calibration-budget-s=3 --max-batch-size=64")
 fi
 
 run_step model 120 "$PY" -m bench.model --device "$DEVICE" --flip off --cuda-graphs \
@@ -342,7 +342,8 @@ run_step serve_identity 120 "$PY" -m bench.serve --device "$DEVICE" --model iden
 run_step serve_distilpose_s 150 "$PY" -m bench.serve --device "$DEVICE" --model distilpose_s \
   --weights "$WEIGHTS" --precision bf16 "${SERVE[@]}" --out-dir "$DIR/serve_distilpose_s"
 # the identity model first (the plumbing's ceiling), then DistilPose-S in bf16 (where the GPU
-# stops the growth): one result file; a time box that ends it keeps the rows measured
+# stops the growth; batches of up to 64 images, 192 crops, as serve_distilpose_s): one result
+# file; a time box that ends it keeps the rows measured
 run_step frontends 240 "$PY" -m bench.frontend --device "$DEVICE" "${FRONTENDS[@]}" \
   --models identity distilpose_s --weights "$WEIGHTS" --precision bf16 --out-dir "$DIR/frontends"
 run_step model_compile 180 "${COMPILE_ENV[@]}" "$PY" -m bench.model --device "$DEVICE" \
