@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -275,6 +276,45 @@ def summarize_ms(samples_s: Sequence[float]) -> dict[str, float | int]:
         "min_ms": min(ms) if ms else 0.0,
         "max_ms": max(ms) if ms else 0.0,
     }
+
+
+def alternating_medians(
+    cases: Sequence[tuple[str, str]],
+    measure: Callable[[str, str], dict[str, Any]],
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """``measure(target, mode)`` for every case in turn, ``rounds`` times over (so that a drift
+    of the machine's speed falls on every case alike), and one row per case: its CPU ms per
+    request, each round's and the median, and the median requests/s (``bench.http_app``,
+    ``bench.grpc_app``). ``measure`` returns ``cpu_ms_per_request``, ``requests_per_s`` and
+    ``concurrency``."""
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {case: [] for case in cases}
+    for round_ in range(rounds):
+        for target, mode in cases:
+            row = measure(target, mode)
+            measured[target, mode].append(row)
+            print(
+                f"round {round_ + 1} {target:14s} {mode:6s} "
+                f"{row['cpu_ms_per_request']:.4f} ms CPU per request, "
+                f"{row['requests_per_s']:,.0f} requests/s",
+                flush=True,
+            )
+    rows = []
+    for (target, mode), runs in measured.items():
+        cpu = [r["cpu_ms_per_request"] for r in runs]
+        rows.append(
+            {
+                "target": target,
+                "mode": mode,
+                "concurrency": runs[0]["concurrency"],
+                "rounds": len(runs),
+                "cpu_ms_per_request_median": statistics.median(cpu),
+                "cpu_ms_per_request": cpu,
+                "requests_per_s_median": statistics.median(r["requests_per_s"] for r in runs),
+            }
+        )
+        print(f"{target:14s} {mode:6s} median {statistics.median(cpu):.4f} ms CPU per request")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

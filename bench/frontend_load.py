@@ -36,15 +36,27 @@ def tiny_jpeg() -> bytes:
     return out.getvalue()
 
 
-def http_request(mode: str, port: int, image: bytes) -> bytes:
+def http_body(mode: str, image: bytes) -> tuple[str, bytes, str]:
+    """The pose request of ``mode`` ("http-raw": the image as the body, the boxes in the query;
+    "http-json": both in a JSON body, the image as base64): (path with query, body, type)."""
     if mode == "http-raw":
         query = "boxes=" + json.dumps(BOXES, separators=(",", ":"))
         path = "/v1/pose?" + query.replace("[", "%5B").replace("]", "%5D").replace(",", "%2C")
-        body, kind = image, "image/jpeg"
-    else:
-        path = "/v1/pose"
-        body = json.dumps({"image": base64.b64encode(image).decode(), "boxes": BOXES}).encode()
-        kind = "application/json"
+        return path, image, "image/jpeg"
+    body = json.dumps({"image": base64.b64encode(image).decode(), "boxes": BOXES}).encode()
+    return "/v1/pose", body, "application/json"
+
+
+def estimate_request(image: bytes) -> Any:
+    """The ``pose.v1.EstimateRequest`` of the gRPC modes: ``image`` and the three boxes."""
+    from service.pb.pose.v1 import pose_pb2
+
+    boxes = [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in BOXES]
+    return pose_pb2.EstimateRequest(image=image, boxes=boxes)
+
+
+def http_request(mode: str, port: int, image: bytes) -> bytes:
+    path, body, kind = http_body(mode, image)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -133,7 +145,7 @@ async def generate(
     else:
         import grpc
 
-        from service.pb.pose.v1 import pose_pb2, pose_pb2_grpc
+        from service.pb.pose.v1 import pose_pb2_grpc
 
         # A local subchannel pool: a connection per channel (else channels to one address share
         # one).
@@ -141,8 +153,7 @@ async def generate(
         address = f"127.0.0.1:{grpc_port}"
         channels = [grpc.aio.insecure_channel(address, options) for _ in range(grpc_channels)]
         stubs = [pose_pb2_grpc.PoseServiceStub(channel) for channel in channels]
-        boxes = [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in BOXES]
-        message = pose_pb2.EstimateRequest(image=image, boxes=boxes)
+        message = estimate_request(image)
         if mode == "grpc-unary":
             calls = [
                 grpc_unary_caller(stubs[i % len(stubs)], message, stop, counts)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -38,8 +37,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bench.bare_servers import grpc_servicer
-from bench.common import REPO_ROOT, environment, write_result
-from bench.frontend_load import BOXES, tiny_jpeg
+from bench.common import REPO_ROOT, alternating_medians, environment, write_result
+from bench.frontend_load import BOXES, estimate_request, tiny_jpeg
 from model.interfaces import PipelineItem
 from service import serving
 from service.engine_api import PoseRequest, PoseResponse
@@ -92,11 +91,6 @@ class InlineEngine:
         return PoseResponse(result=result, timing_ms={"total": (time.monotonic() - t0) * 1e3})
 
 
-def _request_bytes() -> bytes:
-    boxes = [pose_pb2.Box(x=b[0], y=b[1], width=b[2], height=b[3]) for b in BOXES]
-    return bytes(pose_pb2.EstimateRequest(image=tiny_jpeg(), boxes=boxes).SerializeToString())
-
-
 async def _unary(servicer: Any, data: bytes, calls: int) -> None:
     context = _Context()
     for _ in range(calls):
@@ -141,7 +135,7 @@ async def _measure(
         engine = serving.build_engine(settings, serving.pipeline_factory(choice, settings), metrics)
         await engine.start()
         servicer = PoseServicer(engine, settings, metrics)
-    data = _request_bytes()
+    data = bytes(estimate_request(tiny_jpeg()).SerializeToString())
 
     async def load(count: int) -> None:
         if mode == "unary":
@@ -159,7 +153,11 @@ async def _measure(
     finally:
         if engine is not None:
             await engine.stop()
-    return {"cpu_ms_per_request": cpu / answered * 1000.0, "requests_per_s": answered / seconds}
+    return {
+        "cpu_ms_per_request": cpu / answered * 1000.0,
+        "requests_per_s": answered / seconds,
+        "concurrency": window if mode == "stream" else concurrency,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,32 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = environment("cpu")
     cases = [(t, m) for m in args.modes for t in args.targets]
-    measured: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
-    for round_ in range(args.rounds):
-        for target, mode in cases:
-            row = serving.run(_measure(target, mode, args.concurrency, args.window, args.requests))
-            measured[target, mode].append(row)
-            print(
-                f"round {round_ + 1} {target:14s} {mode:6s} "
-                f"{row['cpu_ms_per_request']:.4f} ms CPU per call, "
-                f"{row['requests_per_s']:,.0f} calls/s",
-                flush=True,
-            )
-    rows = []
-    for (target, mode), runs in measured.items():
-        cpu = [r["cpu_ms_per_request"] for r in runs]
-        rows.append(
-            {
-                "target": target,
-                "mode": mode,
-                "concurrency": args.window if mode == "stream" else args.concurrency,
-                "rounds": len(runs),
-                "cpu_ms_per_request_median": statistics.median(cpu),
-                "cpu_ms_per_request": cpu,
-                "requests_per_s_median": statistics.median(r["requests_per_s"] for r in runs),
-            }
-        )
-        print(f"{target:14s} {mode:6s} median {statistics.median(cpu):.4f} ms CPU per call")
+    rows = alternating_medians(
+        cases,
+        lambda t, m: serving.run(_measure(t, m, args.concurrency, args.window, args.requests)),
+        args.rounds,
+    )
     path = write_result("grpc_app", "cpu", args, rows, out_dir=args.out_dir, env=env)
     print(f"wrote {path}")
     return 0

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.bare_servers import http_app
-from bench.common import REPO_ROOT, environment, write_result
-from bench.frontend_load import BOXES, tiny_jpeg
+from bench.common import REPO_ROOT, alternating_medians, environment, write_result
+from bench.frontend_load import http_body, tiny_jpeg
 from service import serving
 from service.json_logs import JsonLogFormatter
 from service.metrics import Metrics
@@ -44,27 +41,21 @@ MODES = ("raw", "json")
 
 
 def _request(mode: str, client_port: int) -> tuple[dict[str, Any], bytes]:
-    image = tiny_jpeg()
-    if mode == "raw":
-        body, kind = image, b"image/jpeg"
-        query = "boxes=" + json.dumps(BOXES, separators=(",", ":"))
-        query = query.replace("[", "%5B").replace("]", "%5D").replace(",", "%2C")
-    else:
-        body = json.dumps({"image": base64.b64encode(image).decode(), "boxes": BOXES}).encode()
-        kind, query = b"application/json", ""
+    path, body, kind = http_body(f"http-{mode}", tiny_jpeg())
+    path, _, query = path.partition("?")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/pose",
-        "raw_path": b"/v1/pose",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": query.encode(),
         "root_path": "",
         "headers": [
             (b"host", b"127.0.0.1:8000"),
-            (b"content-type", kind),
+            (b"content-type", kind.encode()),
             (b"content-length", str(len(body)).encode()),
         ],
         "client": ("127.0.0.1", client_port),
@@ -129,7 +120,11 @@ async def _measure(target: str, mode: str, concurrency: int, requests: int) -> d
     answered = per_caller * concurrency
     if statuses != {200: answered}:
         raise RuntimeError(f"{target}: not every answer was 200: {statuses}")
-    return {"cpu_ms_per_request": cpu / answered * 1000.0, "requests_per_s": answered / seconds}
+    return {
+        "cpu_ms_per_request": cpu / answered * 1000.0,
+        "requests_per_s": answered / seconds,
+        "concurrency": concurrency,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,34 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         root.handlers, root.level = [handler], logging.INFO
         try:
             cases = [(t, m) for m in args.modes for t in args.targets]
-            measured: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
-            for round_ in range(args.rounds):
-                for target, mode in cases:
-                    row = serving.run(_measure(target, mode, args.concurrency, args.requests))
-                    measured[target, mode].append(row)
-                    print(
-                        f"round {round_ + 1} {target:13s} {mode:4s} "
-                        f"{row['cpu_ms_per_request']:.4f} ms CPU per request, "
-                        f"{row['requests_per_s']:,.0f} requests/s",
-                        flush=True,
-                    )
+            rows = alternating_medians(
+                cases,
+                lambda t, m: serving.run(_measure(t, m, args.concurrency, args.requests)),
+                args.rounds,
+            )
         finally:
             root.handlers, root.level = saved
-    rows = []
-    for (target, mode), runs in measured.items():
-        cpu = [r["cpu_ms_per_request"] for r in runs]
-        rows.append(
-            {
-                "target": target,
-                "mode": mode,
-                "concurrency": args.concurrency,
-                "rounds": len(runs),
-                "cpu_ms_per_request_median": statistics.median(cpu),
-                "cpu_ms_per_request": cpu,
-                "requests_per_s_median": statistics.median(r["requests_per_s"] for r in runs),
-            }
-        )
-        print(f"{target:13s} {mode:4s} median {statistics.median(cpu):.4f} ms CPU per request")
     path = write_result("http_app", "cpu", args, rows, out_dir=args.out_dir, env=env)
     print(f"wrote {path}")
     return 0

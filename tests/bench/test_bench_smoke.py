@@ -307,31 +307,32 @@ async def test_serve_bench_smoke(tmp_path: Path) -> None:
     }
 
 
-def test_http_app_bench_smoke(tmp_path: Path) -> None:
-    argv = ["--requests", "64", "--rounds", "1", "--concurrency", "4", "--modes", "raw", "json"]
-    assert http_app.main([*argv, "--out-dir", str(tmp_path)]) == 0
-    doc = _load_one(tmp_path, "http_app")
+@pytest.mark.parametrize(
+    ("bench", "argv", "modes", "targets"),
+    [
+        (
+            http_app,
+            ["--modes", "raw", "json"],
+            ("raw", "json"),
+            ("service", "service-quiet", "bare"),
+        ),
+        # (grpc_app checks each call's answer itself: three persons, no error.)
+        (grpc_app, ["--window", "4"], ("unary", "stream"), ("service", "service-inline", "bare")),
+    ],
+    ids=["http_app", "grpc_app"],
+)
+def test_app_bench_smoke(
+    tmp_path: Path, bench: Any, argv: list[str], modes: tuple[str, ...], targets: tuple[str, ...]
+) -> None:
+    part = bench.__name__.rsplit(".", 1)[1]
+    base = ["--requests", "64", "--rounds", "1", "--concurrency", "4", "--out-dir", str(tmp_path)]
+    assert bench.main([*base, *argv]) == 0
+    doc = _load_one(tmp_path, part)
     assert [(r["target"], r["mode"]) for r in doc["results"]] == [
-        (target, mode)
-        for mode in ("raw", "json")
-        for target in ("service", "service-quiet", "bare")
+        (target, mode) for mode in modes for target in targets
     ]
     assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
-    assert "ratio to bare" in report.render(next(tmp_path.glob("http_app-cpu-*.json")))
-
-
-def test_grpc_app_bench_smoke(tmp_path: Path) -> None:
-    # (Each call's answer is checked by the bench itself: three persons, no error.)
-    argv = ["--requests", "64", "--rounds", "1", "--concurrency", "4", "--window", "4"]
-    assert grpc_app.main([*argv, "--out-dir", str(tmp_path)]) == 0
-    doc = _load_one(tmp_path, "grpc_app")
-    assert [(r["target"], r["mode"]) for r in doc["results"]] == [
-        (target, mode)
-        for mode in ("unary", "stream")
-        for target in ("service", "service-inline", "bare")
-    ]
-    assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
-    assert "ratio to bare" in report.render(next(tmp_path.glob("grpc_app-cpu-*.json")))
+    assert "ratio to bare" in report.render(next(tmp_path.glob(f"{part}-cpu-*.json")))
 
 
 def test_gc_pause_bench_smoke(tmp_path: Path) -> None:
