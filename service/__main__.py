@@ -70,6 +70,7 @@ async def serve(
     from service import serving
     from service.metrics import Metrics
 
+    serving.fit_torch_threads()
     if pipeline_factory is None:
         choice = choose_model(settings)
         logger.info("serving %s", choice.summary)

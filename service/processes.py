@@ -313,6 +313,7 @@ async def _run_engine(settings: Settings, address: str, parent_pid: int) -> int:
         logger.error("cannot serve: %s", exc)
         return 2
     logger.info("serving %s", choice.summary)
+    serving.fit_torch_threads()
     metrics = Metrics(multiprocess=True)
     engine = serving.build_engine(settings, serving.pipeline_factory(choice, settings), metrics)
     server = EngineServer(engine, address)

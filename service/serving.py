@@ -12,16 +12,19 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Protocol
 
+import torch
 import uvicorn
 
 from model.interfaces import ModelDescription
 from model.pipeline import build_pipeline
+from service.cpu_quota import usable_cpus
 from service.engine import Engine, EngineObserver, Pipeline
 from service.engine_api import EngineHandle
 from service.gpu_decode import probe_image
@@ -61,6 +64,28 @@ def _build_pipeline(choice: ModelChoice, settings: Settings, device: str) -> Pip
         backend=settings.backend,
         cache_dir=settings.cache_path(),
     )
+
+
+def fit_torch_threads() -> None:
+    """Cap PyTorch's intra-op threads at the CPUs this process may use (``usable_cpus``).
+
+    PyTorch starts one thread per core it sees, container limit or not: a pod limited to 4 CPUs
+    on a 64-core node would run its CPU model on 64 threads and be throttled by the kernel for
+    most of each scheduling period. ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``), when set, is
+    the operator's choice and is left alone. Called where the model runs (the one process, or the
+    engine process) before it is built.
+    """
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return
+    cpus = usable_cpus()
+    threads = torch.get_num_threads()
+    if threads > cpus:
+        logger.info(
+            "PyTorch threads: %d, the CPUs this container may use (not the %d cores it sees)",
+            cpus,
+            threads,
+        )
+        torch.set_num_threads(cpus)
 
 
 def build_engine(

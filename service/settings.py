@@ -26,6 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from service.cpu_quota import usable_cpus
 from service.engine_api import EngineConfig, RequestLimits
 
 ENV_PREFIX = "POSE_"
@@ -136,7 +137,8 @@ class Settings(BaseSettings):
         le=64,
         description="front-end processes serving HTTP and gRPC on the same ports (SO_REUSEPORT) in "
         "front of one engine process; 1 runs everything in one process (default: 1 on the CPU, "
-        "min(4, cores / 4) with CUDA)",
+        "min(4, CPUs / 4) with CUDA, counting the CPUs this container may use: its CPU limit, "
+        "its affinity)",
     )
 
     # The engine (Triton's three knobs and friends).
@@ -360,12 +362,14 @@ class Settings(BaseSettings):
 
     def frontend_count(self) -> int:
         """``frontends``, or its default for the device: 1 on the CPU (the model competes with
-        the front ends for the same few cores), min(4, cores / 4) with CUDA."""
+        the front ends for the same few cores), min(4, CPUs / 4) with CUDA, counting the CPUs
+        this process may use (``service.cpu_quota.usable_cpus``: a pod limited to 8 CPUs on a
+        64-core node gets 2 front ends, not 4)."""
         if self.frontends is not None:
             return self.frontends
         if all(device == "cpu" for device in self.devices()):
             return 1
-        return max(1, min(4, (os.cpu_count() or 1) // 4))
+        return max(1, min(4, usable_cpus() // 4))
 
     def devices(self) -> list[str]:
         """The engine's devices, one worker each (``["cpu"]``, ``["cuda:0", "cuda:1"]``)."""
