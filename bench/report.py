@@ -383,8 +383,35 @@ def gc_pause_tables(doc: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def cpu_quota_tables(doc: dict[str, Any]) -> str:
+    """``bench.cpu_quota``: the CPU pipeline under a cgroup CPU limit, PyTorch's default threads
+    against the service's (each round's figure, ``/``-separated)."""
+
+    def each(values: list[float], digits: int = 1) -> str:
+        return " / ".join(_f(float(v), digits) for v in values)
+
+    rows = [
+        [
+            r["case"],
+            _f(r["quota_cpus"]),
+            str(r["threads"]),
+            each(r["images_per_s"]),
+            each(r["call_ms_p50"]),
+            each(r["call_ms_p90"]),
+            each(r["throttled_s"], 2),
+        ]
+        for r in doc["results"]
+    ]
+    header = [
+        "threads from", "CPU limit", "threads", "images/s", "call p50 ms", "call p90 ms",
+        "throttled s",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "batch_queue": batch_queue_tables,
+    "cpu_quota": cpu_quota_tables,
     "engine_cycle": engine_cycle_tables,
     "frontend": frontend_tables,
     "gc_pause": gc_pause_tables,

@@ -81,7 +81,8 @@ def fit_torch_threads() -> None:
     threads = torch.get_num_threads()
     if threads > cpus:
         logger.info(
-            "PyTorch threads: %d, the CPUs this container may use (not the %d cores it sees)",
+            "PyTorch threads: %d, the CPUs this process may use (its cgroup's limit, its "
+            "affinity), not the %d it would start",
             cpus,
             threads,
         )

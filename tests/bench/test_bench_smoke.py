@@ -19,6 +19,7 @@ import pytest
 
 from bench import (
     batch_queue,
+    cpu_quota,
     decode,
     engine_cycle,
     frontend,
@@ -333,6 +334,28 @@ def test_app_bench_smoke(
     ]
     assert all(r["cpu_ms_per_request_median"] > 0 for r in doc["results"])
     assert "ratio to bare" in report.render(next(tmp_path.glob(f"{part}-cpu-*.json")))
+
+
+def _writable_cpu_cgroups() -> bool:
+    try:
+        cpu_quota.cpu_hierarchy()
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _writable_cpu_cgroups(), reason="needs a writable cgroup v1 cpu hierarchy")
+def test_cpu_quota_bench_smoke(tmp_path: Path) -> None:
+    # Each case in its own child process in its own cgroup, limited to 1 CPU by the kernel.
+    argv = ["--model", "identity", "--seconds", "0.3", "--rounds", "1", "--out-dir", str(tmp_path)]
+    assert cpu_quota.main(argv) == 0
+    rows = _load_one(tmp_path, "cpu_quota")["results"]
+    assert [r["case"] for r in rows] == ["torch-default", "fitted"]
+    assert all(r["quota_cpus"] == 1.0 and r["images_per_s_median"] > 0 for r in rows)
+    assert rows[1]["threads"] == 1  # the limit, as the service sets it
+    assert rows[0]["threads"] == rows[0]["default_threads"]
+    assert "throttled s" in report.render(next(tmp_path.glob("cpu_quota-cpu-*.json")))
+    assert not list(cpu_quota.cpu_hierarchy().glob("bench-cpu-quota-*"))  # no cgroup left behind
 
 
 def test_gc_pause_bench_smoke(tmp_path: Path) -> None:
