@@ -5,7 +5,8 @@
 2. Soak: an open loop of arrivals at ``--factor`` x that capacity for ``--duration-s`` seconds, each
    request with the server's own deadline (``request_timeout_ms``). Every request is counted by its
    outcome: 200, 429 (with its Retry-After), 504, other; a refusal's latency is recorded apart.
-3. The server's RSS is sampled throughout (``/proc``).
+3. The server's RSS is sampled throughout (``/proc``; with ``--frontends N`` > 1, summed over its
+   processes).
 
 The properties asserted by admission-by-time (``service.batching``): admitted == answered 200 (no
 504), every refusal a 429 with Retry-After, refusals immediate, RSS bounded. The run exits non-zero
@@ -32,6 +33,7 @@ from bench.common import (
     environment,
     load_images,
     percentile,
+    process_tree,
     write_result,
 )
 from bench.servers import Server, free_port
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--timeout-ms", type=int, default=2000, help="the server's deadline")
     parser.add_argument("--boxes", type=int, default=3, help="caller boxes per request")
+    parser.add_argument(
+        "--frontends", type=int, default=1, help="front-end processes (1: one process)"
+    )
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     return parser.parse_args(argv)
 
@@ -61,6 +66,7 @@ def _server(args: argparse.Namespace, log_dir: Path) -> Server:
         "POSE_REQUEST_TIMEOUT_MS": str(args.timeout_ms),
         "POSE_LOG_LEVEL": "warning",
         "POSE_FLIP_TEST": "false",
+        "POSE_FRONTENDS": str(args.frontends),
     }
     if args.weights:
         env |= {"POSE_WEIGHTS": args.weights, "POSE_DETECTOR": "none"}
@@ -156,9 +162,11 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{server.http_port}"
         assert server.proc is not None
         capacity = await _capacity(url, image.data, params, args)
-        with ResourceSampler({"engine": server.proc.pid}, gpu=False) as sampler:
+        # Every process of the service (with front ends: the parent, engine and front ends).
+        service = process_tree(server.proc.pid)
+        with ResourceSampler({"service": service}, gpu=False) as sampler:
             soak = await _soak(url, image.data, params, capacity * args.factor, args)
-        rss = [s["engine"]["rss_mib"] for s in sampler.samples if s.get("engine")]
+        rss = [s["service"]["rss_mib"] for s in sampler.samples if s.get("service")]
     finally:
         server.stop()
     result = {
