@@ -42,14 +42,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from model.interfaces import BatchStats, PipelineItem
 from service.gpu_decode import EncodedJpeg
 
-__all__ = ["CURVE_SIZES", "BatchQueue", "CostCurve", "Job", "JobState", "sweep_sizes"]
+__all__ = [
+    "CURVE_SIZES",
+    "AdmissionFigures",
+    "BatchQueue",
+    "CostCurve",
+    "Job",
+    "JobState",
+    "refusal_s",
+    "sweep_sizes",
+    "work_of",
+]
 
 # Retry hint bounds (seconds) for a refused job, and the hint used before any batch has run.
 RETRY_MIN_S = 0.1
@@ -189,6 +199,51 @@ class CostCurve:
         if queued >= _BACKLOG_BATCHES * best:
             return best
         return self._near_best
+
+
+class AdmissionFigures(NamedTuple):
+    """What admission by time reads (``BatchQueue.admission_figures``).
+
+    Attributes:
+        wait_s: The expected wait of a job admitted now (the crops ahead of it at the workers'
+            measured rate).
+        batch_s: How long a batch takes (EWMA).
+        s_per_crop: The wait one more crop of work adds (the inverse of the workers' rate).
+        boxless_crops: The crops an image without caller boxes counts for (EWMA).
+    """
+
+    wait_s: float
+    batch_s: float
+    s_per_crop: float
+    boxless_crops: float
+
+
+def work_of(boxes: torch.Tensor | None, boxless_crops: float) -> float:
+    """Crops of a job: its caller boxes (rows of ``parse_boxes``), else what an image without
+    boxes has cost (``boxless_crops``)."""
+    if isinstance(boxes, torch.Tensor) and boxes.dim() == 2:
+        return float(max(1, boxes.shape[0]))  # (0 boxes: still a call's share of overhead)
+    return boxless_crops
+
+
+def refusal_s(
+    now: float, deadline: float | None, wait: float, batch_s: float, max_wait_s: float | None
+) -> float | None:
+    """Admission by time, the rule: a job submitted at ``now`` with ``wait`` seconds of work
+    ahead of it and its own batch of ``batch_s`` is refused when it would finish (with a margin
+    for what the estimate misses) past its ``deadline``, or wait beyond ``max_wait_s``.
+
+    Returns:
+        None to admit; else the seconds after which a retry may be admitted (the wait, clamped
+        to [RETRY_MIN_S, RETRY_MAX_S]). With nothing ahead it admits whatever the estimate
+        says: a refusal is for queueing, and only admitted work refreshes a stale estimate.
+    """
+    if wait <= 0:
+        return None
+    late = deadline is not None and now + (wait + batch_s) * _ADMIT_MARGIN > deadline
+    if late or (max_wait_s is not None and wait > max_wait_s):
+        return min(RETRY_MAX_S, max(RETRY_MIN_S, wait))
+    return None
 
 
 def sweep_sizes(
@@ -446,14 +501,10 @@ class BatchQueue:
             if self._reserved >= self.max_queue_size:
                 return self._retry_locked(workers)
             wait = self._expected_wait_locked(workers)
-            # An idle engine admits whatever its estimate says: a refusal is for queueing, and
-            # only admitted work refreshes a stale estimate.
-            if wait and self._batch_s is not None:
-                # Its own batch runs after the wait; a margin for what the estimate misses.
-                finish = job.t_submit + (wait + self._batch_s) * _ADMIT_MARGIN
-                late = job.deadline is not None and finish > job.deadline
-                if late or (max_wait_s is not None and wait > max_wait_s):
-                    return min(RETRY_MAX_S, max(RETRY_MIN_S, wait))
+            if wait is not None and self._batch_s is not None:
+                retry = refusal_s(job.t_submit, job.deadline, wait, self._batch_s, max_wait_s)
+                if retry is not None:
+                    return retry
             self._reserved += 1
             self._reserved_work += job.work
             if job.state is JobState.QUEUED:
@@ -463,11 +514,7 @@ class BatchQueue:
             return None
 
     def _work_of_locked(self, item: PipelineItem) -> float:
-        """Crops of an item: its caller boxes, else what an image without boxes has cost."""
-        boxes = item.boxes
-        if isinstance(boxes, torch.Tensor) and boxes.dim() == 2:
-            return float(max(1, boxes.shape[0]))  # (0 boxes: still a call's share of overhead)
-        return self._boxless_work
+        return work_of(item.boxes, self._boxless_work)
 
     def enqueue(self, job: Job, *, wake: bool = True) -> bool:
         """Queue a decoded job (waking the consumers unless ``wake`` is false). False when it
@@ -698,6 +745,17 @@ class BatchQueue:
         if wait is None:
             return RETRY_DEFAULT_S
         return min(RETRY_MAX_S, max(RETRY_MIN_S, wait))
+
+    def admission_figures(self, workers: int) -> AdmissionFigures | None:
+        """What admission by time reads now (``refusal_s``); None before any batch has run.
+        What a front-end process refuses by before decoding (``EngineClient``)."""
+        with self._cv:
+            wait = self._expected_wait_locked(workers)
+            if wait is None or self._batch_s is None:
+                return None
+            measured, rate = self._measured_rate
+            total = rate * max(workers, measured) / measured
+            return AdmissionFigures(wait, self._batch_s, 1.0 / total, self._boxless_work)
 
     def _expected_wait_locked(self, workers: int) -> float | None:
         """Seconds before a job admitted now starts: the crops ahead of it (queued, decoding and

@@ -43,7 +43,7 @@ from typing import Any, cast
 import torch
 
 from model.interfaces import BatchStats, ImageResult, ModelDescription, PipelineItem
-from service.batching import BatchQueue, Job, JobState
+from service.batching import AdmissionFigures, BatchQueue, Job, JobState
 from service.engine_api import (
     EngineConfig,
     EngineObserver,
@@ -278,6 +278,11 @@ class Engine:
     def queue_depth(self) -> int:
         """Jobs admitted and not yet running (being decoded or queued)."""
         return self._queue.depth()
+
+    def admission_figures(self) -> AdmissionFigures | None:
+        """What admission by time reads now (``BatchQueue.admission_figures``); None before any
+        batch has run."""
+        return self._queue.admission_figures(len(self._workers))
 
     def model_info(self) -> ModelDescription:
         """``describe()`` of the first worker's pipeline.

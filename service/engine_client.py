@@ -19,7 +19,15 @@ Guarantees kept across the boundary:
   every call in flight and every new one is answered 503 (``NotReadyError``) at once; this front
   end gone: the engine sees its connection close and drops its jobs;
 - bounded: at most ``max_queue_size`` calls of this front end in flight (decoding or at the
-  engine), beyond that ``QueueFullError`` at once; decoding is bounded by the pool's threads.
+  engine), beyond that ``QueueFullError`` at once; decoding is bounded by the pool's threads;
+- overload refused before any work is spent on it, as in one process: the engine sends, with
+  its answers and its heartbeat, what admission by time reads (``LOAD``:
+  ``service.batching.AdmissionFigures``), and a request that the engine's own rule
+  (``service.batching.refusal_s``) says would be late is refused here before it is decoded.
+  Between two LOADs the expected wait is kept up to date with what is known here: plus the work
+  this front end has sent since (the engine's own estimate drops only as batches finish, and
+  their answers bring a new LOAD). What other front ends sent is not known until the next LOAD;
+  the engine still decides for every request it is sent.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any
 import torch
 
 from model.interfaces import ModelDescription
+from service.batching import AdmissionFigures, refusal_s, work_of
 from service.engine_api import EngineConfig, PoseRequest, PoseResponse, infer_all
 from service.engine_wire import (
     CANCEL,
@@ -45,6 +54,7 @@ from service.engine_wire import (
     HELLO,
     INFER,
     INLINE_LIMIT_BYTES,
+    LOAD,
     RESULT,
     STATE,
     Channel,
@@ -133,6 +143,10 @@ class EngineClient:
         self._idle = asyncio.Event()
         self._idle.set()
         self._state: EngineState | None = None
+        # The engine's last admission figures, and the wait (seconds) of the work sent since.
+        self._load: AdmissionFigures | None = None
+        self._sent_s = 0.0
+        self._max_wait_s = config.max_queue_wait_ms / 1000.0 if config.max_queue_wait_ms else None
         self._state_changed = asyncio.Event()
         self._pidfd: int | None = None
         self._gone = False
@@ -223,6 +237,17 @@ class EngineClient:
         # The engine's own checks, before any decoding is spent (it does not repeat them).
         boxes = None if request.boxes is None else parse_boxes(request.boxes, self._config.limits)
         check_options(request.options)
+        load = self._load
+        if load is not None:  # admission by time, before any decoding is spent
+            wait = load.wait_s + self._sent_s
+            retry = refusal_s(t_submit, request.deadline, wait, load.batch_s, self._max_wait_s)
+            if retry is not None:
+                raise QueueFullError(
+                    f"overloaded: about {wait:.2f} s of work ahead at the engine; this one "
+                    "would not be answered in time",
+                    retry_after_s=retry,
+                )
+            self._sent_s += work_of(boxes, load.boxless_crops) * load.s_per_crop
         self._calls += 1
         self._idle.clear()
         path = ""
@@ -352,6 +377,9 @@ class EngineClient:
                     error.request_id,
                     error_from_wire(error.code, error.message, error.retry_after_s),
                 )
+            elif kind == LOAD:
+                self._load = AdmissionFigures(*message)
+                self._sent_s = 0.0
             elif kind == STATE:
                 state: EngineState = message
                 self._state = state

@@ -10,6 +10,10 @@ job's future, when it settles, queues one RESULT or one ERROR, coalesced per fro
 exactly as a disconnect does in one process; so does the front end's connection closing (the
 process died) for every job of that front end. The engine's state (ready, draining, model) goes to
 every front end that said HELLO, when it changes and every ``STATE_INTERVAL_S`` as a heartbeat.
+Every frame to a front end (its answers of one loop iteration, the heartbeat) is led by one
+LOAD: what admission by time reads as it leaves (``service.batching.AdmissionFigures``), by
+which the front end refuses a request that would be late before decoding it (the engine still
+decides for what it is sent).
 The front ends check each request with the engine's own functions and limits
 (``service.validation``) and send the parsed boxes; the engine trusts those checks
 (``PoseRequest.checked``) instead of repeating them, and checks against the image only what it
@@ -30,6 +34,7 @@ from service.engine_wire import (
     ERROR,
     HELLO,
     INFER,
+    LOAD,
     RESULT,
     STATE,
     STATE_INTERVAL_S,
@@ -67,7 +72,7 @@ class EngineServer:
 
     async def bind(self) -> None:
         """Listen, on the running event loop (front ends retry until it does)."""
-        self._server = await listen(self._path, self._received, self._lost)
+        self._server = await listen(self._path, self._received, self._lost, self._load)
 
     async def run(self) -> None:
         """Send the state every ``STATE_INTERVAL_S`` until cancelled (messages are handled as
@@ -164,6 +169,13 @@ class EngineServer:
         key = (peer, message.request_id)
         self._jobs[key] = future
         future.add_done_callback(partial(self._answered, key))
+
+    def _load(self) -> Message | None:
+        """The LOAD that leads each frame to a front end: what admission by time reads now, so
+        that the front end can refuse before decoding a request that would be late
+        (``EngineClient.infer``)."""
+        figures = self._engine.admission_figures()
+        return None if figures is None else (LOAD, tuple(figures), None)
 
     def _answered(self, key: tuple[Channel, int], future: asyncio.Future[PoseResponse]) -> None:
         self._jobs.pop(key, None)

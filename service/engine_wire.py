@@ -5,13 +5,13 @@ Transport: a Unix stream socket in the service's private run folder (mode 0700),
 engine process listens on (``listen``) and each front end connects to (``connect``): one
 connection per front end, read and written by asyncio on each side's event loop. A message is a
 ``(kind, body, payload)`` triple: the kind (``INFER``, ``CANCEL``, ``HELLO`` from a front end;
-``RESULT``, ``ERROR``, ``STATE`` from the engine), its body, and for ``INFER`` optionally the
-image's bytes. ``Channel`` is one end of a connection: a burst in is handled as one list, and
-every message queued during one event-loop iteration goes out as ONE frame (a length and a
-pickled list), so that under load a send syscall and a wake-up of the other side are paid per
-burst, not per request. Pickle is safe here: both ends are this service's own processes,
-started by one parent, on a socket only its user can open; nothing a client sent is ever
-unpickled (bodies hold parsed fields; image bytes are bytes).
+``RESULT``, ``ERROR``, ``STATE``, ``LOAD`` from the engine), its body, and for ``INFER``
+optionally the image's bytes. ``Channel`` is one end of a connection: a burst in is handled as
+one list, and every message queued during one event-loop iteration goes out as ONE frame (a
+length and a pickled list), so that under load a send syscall and a wake-up of the other side
+are paid per burst, not per request. Pickle is safe here: both ends are this service's own
+processes, started by one parent, on a socket only its user can open; nothing a client sent is
+ever unpickled (bodies hold parsed fields; image bytes are bytes).
 
 Not ZeroMQ (which this transport replaced): its I/O thread puts two thread hand-offs on every
 message each way. A message to the engine and its answer cost 30 + 30 us of CPU (front end +
@@ -56,6 +56,7 @@ CANCEL = b"cancel"  # front end -> engine: request id; the caller went away
 RESULT = b"result"  # engine -> front end: ResultMessage
 ERROR = b"error"  # engine -> front end: ErrorMessage
 STATE = b"state"  # engine -> front end: EngineState, on change and as a heartbeat
+LOAD = b"load"  # engine -> front end: (wait, batch) seconds of admission by time, with answers
 
 # A frame: its length (4 bytes, little-endian), then a pickled list of messages.
 _LENGTH = struct.Struct("<I")
@@ -216,15 +217,19 @@ class Channel(asyncio.Protocol):
             event-loop iteration). Its exceptions are logged and the next frame is still read.
         on_lost: Called once when the connection closes (the other process exited or closed
             it), unless ``close`` closed it.
+        header: Called as each frame leaves: a message to lead it (None: none this time). The
+            engine's figures for admission by time ride so with every frame of answers.
     """
 
     def __init__(
         self,
         on_messages: Callable[[Channel, list[Message]], None],
         on_lost: Callable[[Channel], None] | None = None,
+        header: Callable[[], Message | None] | None = None,
     ) -> None:
         self._on_messages = on_messages
         self._on_lost = on_lost
+        self._header = header
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._queued: list[Message] = []
@@ -280,6 +285,8 @@ class Channel(asyncio.Protocol):
         queued, self._queued = self._queued, []
         if self._transport is None:
             return  # the other side is gone: nobody reads these
+        if self._header is not None and (head := self._header()) is not None:
+            queued.insert(0, head)
         body = dumps(queued)
         self._transport.writelines((_LENGTH.pack(len(body)), body))
 
@@ -297,10 +304,12 @@ async def listen(
     path: str,
     on_messages: Callable[[Channel, list[Message]], None],
     on_lost: Callable[[Channel], None] | None = None,
+    header: Callable[[], Message | None] | None = None,
 ) -> asyncio.Server:
-    """Listen on the Unix socket ``path``: a ``Channel`` per connection (the engine's side)."""
+    """Listen on the Unix socket ``path``: a ``Channel`` per connection (the engine's side;
+    ``header``: see ``Channel``)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: Channel(on_messages, on_lost), path)
+    return await loop.create_unix_server(lambda: Channel(on_messages, on_lost, header), path)
 
 
 async def connect(

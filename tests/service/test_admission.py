@@ -8,16 +8,22 @@ real engine, first calibrated by a few real batches (the rate is measured, never
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from service.engine import Engine, EngineConfig, PoseRequest
+from service.engine_client import EngineClient
+from service.engine_server import EngineServer
 from service.errors import DeadlineExceededError, QueueFullError
-from tests.service.rest_support import SlowPipeline
+from service.gpu_decode import probe_image
+from service.uploads import decode_image
+from tests.service.rest_support import SlowPipeline, jpeg
 
 BATCH_S = 0.05  # one batch of up to 4 images: ~80 images/s
 IMAGE = torch.zeros((3, 32, 32), dtype=torch.uint8)
@@ -216,3 +222,75 @@ async def test_a_request_with_many_boxes_is_spread_over_batches() -> None:
     widths = [w for batch in seen for w in batch]
     assert widths.count(64) == 7 and widths.count(32) == 1, seen
     assert 32 in seen[0] + seen[1], seen
+
+
+async def test_a_front_end_refuses_what_would_be_late_before_decoding_it(tmp_path: Path) -> None:
+    """Across the process boundary: a front end's engine client over the engine server's real
+    Unix socket (both on this loop; the engine as above). Under arrivals at ~3x what the engine
+    serves, the front end refuses, from the figures the engine sends with its answers, requests
+    it would have decoded only for the engine to refuse them; no admitted request times out."""
+    pipeline = SlowPipeline(delay_s=BATCH_S)
+    config = EngineConfig(max_batch_size=4, max_delay_ms=0.0, max_queue_size=1000, warmup=False)
+    engine = Engine(lambda d: pipeline, ["cpu"], config)
+    await engine.start()
+    server = EngineServer(engine, str(tmp_path / "engine.sock"))
+    await server.bind()
+    heartbeat = asyncio.create_task(server.run())
+    decoded = 0
+
+    def decoder(data: bytes) -> torch.Tensor:
+        nonlocal decoded
+        decoded += 1
+        return decode_image(data, max_pixels=10**7)
+
+    client = EngineClient(
+        str(tmp_path / "engine.sock"),
+        config,
+        decoder=decoder,
+        probe=functools.partial(probe_image, max_pixels=10**7),
+        images_dir=tmp_path,
+        engine_pid=None,
+        index=0,
+        frontends=1,
+    )
+    photo = jpeg(32, 32)
+
+    async def one(deadline_s: float) -> tuple[object, float]:
+        t0 = time.monotonic()
+        try:
+            outcome: object = await client.infer(
+                PoseRequest(image=photo, deadline=time.monotonic() + deadline_s)
+            )
+        except Exception as exc:
+            outcome = exc
+        return outcome, time.monotonic() - t0
+
+    try:
+        await client.start()
+        await asyncio.gather(*(one(10.0) for _ in range(8)))  # the engine measures its rate
+        decoded = 0
+        gc.collect()
+        gc.disable()  # (as above)
+        try:
+            calls = []
+            for _ in range(300):  # 240 requests/s for 1.25 s, against ~80 served
+                calls.append(asyncio.ensure_future(one(1.0)))
+                await asyncio.sleep(1 / 240)
+            outcomes = await asyncio.gather(*calls)
+        finally:
+            gc.enable()
+    finally:
+        await client.stop(0)
+        heartbeat.cancel()
+        await server.close()
+        await engine.stop(0)
+    answered = [t for o, t in outcomes if not isinstance(o, Exception)]
+    refused = [(o, t) for o, t in outcomes if isinstance(o, QueueFullError)]
+    here = [(o, t) for o, t in refused if "at the engine" in str(o)]  # (the front end's text)
+    late = [o for o, _ in outcomes if isinstance(o, DeadlineExceededError)]
+    assert not late, f"{len(late)} admitted requests timed out"
+    assert len(answered) + len(refused) == 300
+    assert decoded == 300 - len(here)  # what the front end refused was never decoded
+    assert len(here) >= len(refused) // 2, (len(here), len(refused))
+    assert all(t < 0.1 for _, t in here)
+    assert all(0.1 <= o.retry_after_s <= 30 for o, _ in here)  # type: ignore[attr-defined]
