@@ -307,6 +307,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
         "a bug in a route inside the app answers Starlette's plain-text 500",
     ),
+    Mutation(
+        "threads_ignore_cgroup_limit",
+        "service/serving.py",
+        "    cpus = usable_cpus()\n",
+        "    cpus = os.cpu_count() or 1\n",
+        (
+            "tests/service/test_cpu_quota.py::test_torch_threads_are_capped_at_the_limit_unless_omp_num_threads_is_set",
+            "tests/service/test_cpu_quota.py::test_a_real_cgroup_limit_caps_the_served_model_threads",
+        ),
+        "PyTorch's threads sized by the cores the machine has, not the container's CPU limit",
+    ),
+    Mutation(
+        "frontend_ledger_ignored",
+        "service/engine_client.py",
+        "            wait = load.wait_s + self._sent_s\n",
+        "            wait = load.wait_s\n",
+        (
+            "tests/service/test_admission.py::test_a_front_end_refuses_what_would_be_late_before_decoding_it",
+        ),
+        "a front end forgets the work it sent since the engine's last figures and forwards what "
+        "the engine then refuses",
+    ),
 )
 
 

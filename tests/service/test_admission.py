@@ -291,6 +291,10 @@ async def test_a_front_end_refuses_what_would_be_late_before_decoding_it(tmp_pat
     assert not late, f"{len(late)} admitted requests timed out"
     assert len(answered) + len(refused) == 300
     assert decoded == 300 - len(here)  # what the front end refused was never decoded
-    assert len(here) >= len(refused) // 2, (len(here), len(refused))
+    # The engine refuses what it was sent only when its figures moved in a way the front end
+    # could not know (here: none; without the front end's count of what it sent since the last
+    # figures, about one a batch).
+    assert len(refused) - len(here) <= len(refused) // 10, (len(here), len(refused))
+    assert here
     assert all(t < 0.1 for _, t in here)
     assert all(0.1 <= o.retry_after_s <= 30 for o, _ in here)  # type: ignore[attr-defined]
