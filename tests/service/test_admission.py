@@ -237,10 +237,12 @@ async def test_a_front_end_refuses_what_would_be_late_before_decoding_it(tmp_pat
     await server.bind()
     heartbeat = asyncio.create_task(server.run())
     decoded = 0
+    counting = threading.Lock()  # (the client decodes in its pool's threads)
 
     def decoder(data: bytes) -> torch.Tensor:
         nonlocal decoded
-        decoded += 1
+        with counting:
+            decoded += 1
         return decode_image(data, max_pixels=10**7)
 
     client = EngineClient(
