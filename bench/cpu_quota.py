@@ -17,6 +17,7 @@ Cases alternate, ``--rounds`` times. Needs root and a v1 ``cpu`` hierarchy (this
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,51 @@ CASES = ("torch-default", "fitted")
 ASSET = "coco_000000000785.jpg"
 
 
-def cpu_hierarchy() -> Path:
-    """The machine's cgroup v1 ``cpu`` hierarchy, if this process may make cgroups in it."""
+def cpu_hierarchy() -> Path | None:
+    """The machine's cgroup v1 ``cpu`` hierarchy if this process may make cgroups in it (root),
+    else None."""
     for base in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")):
         if (base / "cpu.cfs_quota_us").exists() and os.access(base, os.W_OK):
             return base
-    raise SystemExit("needs a writable cgroup v1 cpu hierarchy (root)")
+    return None
+
+
+@contextlib.contextmanager
+def limited_cgroup(cpus: float, prefix: str) -> Iterator[Path]:
+    """A fresh cgroup of ``cpu_hierarchy()`` whose CFS quota is ``cpus`` CPUs (as ``docker run
+    --cpus`` sets it); removed at exit, once the kernel has emptied it (its processes reaped).
+
+    Raises:
+        RuntimeError: No writable hierarchy.
+    """
+    base = cpu_hierarchy()
+    if base is None:
+        raise RuntimeError("needs a writable cgroup v1 cpu hierarchy (root)")
+    group = base / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        period = 100_000
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+        yield group
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def in_cgroup(group: Path, command: list[str]) -> list[str]:
+    """``command``, run so that it starts inside ``group`` (the shell joins it, then execs)."""
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
+
+
+def environ_without_thread_settings() -> dict[str, str]:
+    """This environment less ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` (which would decide
+    PyTorch's threads instead of the cgroup's limit)."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def _cpu_stat(group: Path) -> dict[str, int]:
@@ -96,15 +137,8 @@ def child(case: str, model: str, images: int, seconds: float) -> dict[str, Any]:
 
 def measure(case: str, args: argparse.Namespace) -> dict[str, Any]:
     """One case in a fresh cgroup limited to ``args.quota_cpus``."""
-    group = cpu_hierarchy() / f"bench-cpu-quota-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    try:
-        period = 100_000
-        (group / "cpu.cfs_period_us").write_text(str(period))
-        (group / "cpu.cfs_quota_us").write_text(str(int(args.quota_cpus * period)))
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        }
+    with limited_cgroup(args.quota_cpus, "bench-cpu-quota") as group:
+        env = environ_without_thread_settings()
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         command = [
             sys.executable, "-m", "bench.cpu_quota", "--child", case, "--model", args.model,
@@ -112,7 +146,7 @@ def measure(case: str, args: argparse.Namespace) -> dict[str, Any]:
         ]  # fmt: skip
         before = _cpu_stat(group)
         out = subprocess.run(
-            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command],
+            in_cgroup(group, command),
             env=env,
             cwd=REPO_ROOT,
             check=True,
@@ -120,13 +154,6 @@ def measure(case: str, args: argparse.Namespace) -> dict[str, Any]:
             text=True,
         ).stdout
         after = _cpu_stat(group)
-    finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
     row = json.loads(out.strip().splitlines()[-1])
     row.update(
         case=case,
@@ -148,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.child and cpu_hierarchy() is None:
+        raise SystemExit("needs a writable cgroup v1 cpu hierarchy (root)")
     if args.child:
         print(json.dumps(child(args.child, args.model, args.images, args.seconds)))
         return 0

@@ -750,20 +750,24 @@ class BatchQueue:
         """What admission by time reads now (``refusal_s``); None before any batch has run.
         What a front-end process refuses by before decoding (``EngineClient``)."""
         with self._cv:
-            wait = self._expected_wait_locked(workers)
-            if wait is None or self._batch_s is None:
+            rate = self._rate_locked(workers)
+            if rate is None or self._batch_s is None:
                 return None
-            measured, rate = self._measured_rate
-            total = rate * max(workers, measured) / measured
-            return AdmissionFigures(wait, self._batch_s, 1.0 / total, self._boxless_work)
+            wait = (self._reserved_work + self._running_work) / rate
+            return AdmissionFigures(wait, self._batch_s, 1.0 / rate, self._boxless_work)
+
+    def _rate_locked(self, workers: int) -> float | None:
+        """Crops per second of all ``workers``; None before any batch has run. Workers not
+        measured yet are counted at the mean of those measured."""
+        measured, rate = self._measured_rate
+        if not measured:
+            return None
+        return rate * max(workers, measured) / measured
 
     def _expected_wait_locked(self, workers: int) -> float | None:
         """Seconds before a job admitted now starts: the crops ahead of it (queued, decoding and
         running) at the workers' measured rate; None before any batch has run."""
-        measured, rate = self._measured_rate
-        if not measured:
+        rate = self._rate_locked(workers)
+        if rate is None:
             return None
-        # Workers not measured yet are counted at the mean of those measured.
-        total = rate * max(workers, measured) / measured
-        ahead = self._reserved_work + self._running_work
-        return ahead / total
+        return (self._reserved_work + self._running_work) / rate

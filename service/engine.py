@@ -369,10 +369,9 @@ class Engine:
             source=request.source,
             eager=request.eager,
         )
-        max_wait = (
-            self._config.max_queue_wait_ms / 1000.0 if self._config.max_queue_wait_ms else None
+        retry = self._queue.admit(
+            job, workers=len(self._workers), max_wait_s=self._config.max_queue_wait_s, wake=False
         )
-        retry = self._queue.admit(job, workers=len(self._workers), max_wait_s=max_wait, wake=False)
         if retry is not None:
             raise QueueFullError(
                 f"overloaded: {self._queue.depth()} jobs waiting; this one would not be answered "

@@ -99,6 +99,11 @@ class EngineConfig:
     max_boxes_per_job: int = 16
     calibration_budget_s: float = 15.0
 
+    @property
+    def max_queue_wait_s(self) -> float | None:
+        """``max_queue_wait_ms`` in seconds (None, or 0: no bound but the deadline)."""
+        return self.max_queue_wait_ms / 1000.0 if self.max_queue_wait_ms else None
+
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")

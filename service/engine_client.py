@@ -146,7 +146,6 @@ class EngineClient:
         # The engine's last admission figures, and the wait (seconds) of the work sent since.
         self._load: AdmissionFigures | None = None
         self._sent_s = 0.0
-        self._max_wait_s = config.max_queue_wait_ms / 1000.0 if config.max_queue_wait_ms else None
         self._state_changed = asyncio.Event()
         self._pidfd: int | None = None
         self._gone = False
@@ -240,7 +239,8 @@ class EngineClient:
         load = self._load
         if load is not None:  # admission by time, before any decoding is spent
             wait = load.wait_s + self._sent_s
-            retry = refusal_s(t_submit, request.deadline, wait, load.batch_s, self._max_wait_s)
+            max_wait_s = self._config.max_queue_wait_s
+            retry = refusal_s(t_submit, request.deadline, wait, load.batch_s, max_wait_s)
             if retry is not None:
                 raise QueueFullError(
                     f"overloaded: about {wait:.2f} s of work ahead at the engine; this one "

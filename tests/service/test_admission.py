@@ -12,6 +12,7 @@ import functools
 import gc
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -29,20 +30,27 @@ BATCH_S = 0.05  # one batch of up to 4 images: ~80 images/s
 IMAGE = torch.zeros((3, 32, 32), dtype=torch.uint8)
 
 
+async def timed(
+    infer: Callable[[PoseRequest], Awaitable[object]],
+    image: bytes | torch.Tensor,
+    deadline_s: float,
+) -> tuple[object, float]:
+    """One request through ``infer``: its outcome (a response or the exception) and latency."""
+    t0 = time.monotonic()
+    try:
+        outcome: object = await infer(
+            PoseRequest(image=image, deadline=time.monotonic() + deadline_s)
+        )
+    except Exception as exc:
+        outcome = exc
+    return outcome, time.monotonic() - t0
+
+
 async def burst(engine: Engine, count: int, deadline_s: float) -> list[object]:
     """``count`` requests at once; each outcome (a response or the exception) and its latency."""
-
-    async def one() -> tuple[object, float]:
-        t0 = time.monotonic()
-        try:
-            outcome: object = await engine.infer(
-                PoseRequest(image=IMAGE, deadline=time.monotonic() + deadline_s)
-            )
-        except Exception as exc:
-            outcome = exc
-        return outcome, time.monotonic() - t0
-
-    return list(await asyncio.gather(*(one() for _ in range(count))))
+    return list(
+        await asyncio.gather(*(timed(engine.infer, IMAGE, deadline_s) for _ in range(count)))
+    )
 
 
 async def test_a_burst_is_answered_or_refused_never_timed_out() -> None:
@@ -255,17 +263,7 @@ async def test_a_front_end_refuses_what_would_be_late_before_decoding_it(tmp_pat
         index=0,
         frontends=1,
     )
-    photo = jpeg(32, 32)
-
-    async def one(deadline_s: float) -> tuple[object, float]:
-        t0 = time.monotonic()
-        try:
-            outcome: object = await client.infer(
-                PoseRequest(image=photo, deadline=time.monotonic() + deadline_s)
-            )
-        except Exception as exc:
-            outcome = exc
-        return outcome, time.monotonic() - t0
+    one = functools.partial(timed, client.infer, jpeg(32, 32))
 
     try:
         await client.start()

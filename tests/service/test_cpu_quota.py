@@ -9,13 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.cpu_quota import (
+    cpu_hierarchy,
+    environ_without_thread_settings,
+    in_cgroup,
+    limited_cgroup,
+)
 from service import cpu_quota, serving
 from service.cpu_quota import quota_cpus, usable_cpus
 from service.settings import Settings
@@ -157,60 +161,38 @@ def test_torch_threads_are_capped_at_the_limit_unless_omp_num_threads_is_set(
         torch.set_num_threads(before)
 
 
-def _v1_cpu_hierarchy() -> Path | None:
-    """A v1 ``cpu`` hierarchy this test may make a cgroup in, or None."""
-    for base in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")):
-        if (base / "cpu.cfs_quota_us").exists() and os.access(base, os.W_OK):
-            return base
-    return None
-
-
 @pytest.mark.skipif(
-    _v1_cpu_hierarchy() is None or len(os.sched_getaffinity(0)) < 2,
+    cpu_hierarchy() is None or len(os.sched_getaffinity(0)) < 2,
     reason="needs a writable cgroup v1 cpu hierarchy (root) and 2 CPUs",
 )
 def test_a_real_cgroup_limit_caps_the_served_model_threads(tmp_path: Path) -> None:
     """`pose-service serve` in a cgroup limited to 1 CPU (by the kernel's CFS quota) runs its
     model on 1 PyTorch thread, and says so; on this machine PyTorch would start one per core."""
-    base = _v1_cpu_hierarchy()
-    assert base is not None
-    group = base / f"pose-test-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    process = None
-    try:
-        (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text("100000")
-        serve = [
-            sys.executable, "-m", "service", "serve", "--model", "identity", "--device", "cpu",
-            "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--log-level", "info",
-        ]  # fmt: skip
+    serve = [
+        sys.executable, "-m", "service", "serve", "--model", "identity", "--device", "cpu",
+        "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--log-level", "info",
+    ]  # fmt: skip
+    with limited_cgroup(1.0, "pose-test") as group:
         process = subprocess.Popen(
-            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *serve],
-            env=env,
+            in_cgroup(group, serve),
+            env=environ_without_thread_settings(),
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert process.stderr is not None
-        lines: list[str] = []
-        for line in process.stderr:  # (the threads are set before the model loads)
-            lines.append(line)
-            if '"msg":"ready"' in line:
-                break
-        said = [line for line in lines if "PyTorch threads" in line]
-        assert said, "".join(lines[-20:])
-        assert "PyTorch threads: 1," in said[0]
-    finally:
-        if process is not None:
+        try:
+            assert process.stderr is not None
+            lines: list[str] = []
+            for line in process.stderr:  # (the threads are set before the model loads)
+                lines.append(line)
+                if '"msg":"ready"' in line:
+                    break
+            said = [line for line in lines if "PyTorch threads" in line]
+            assert said, "".join(lines[-20:])
+            assert "PyTorch threads: 1," in said[0]
+        finally:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        for _ in range(50):  # (the kernel empties the group once the process is reaped)
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
